@@ -1,0 +1,30 @@
+"""Shared test set-up: offline always, small deterministic models."""
+
+from __future__ import annotations
+
+import os
+
+# A hub lookup otherwise hangs ~25 s before failing; no test may touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from modeldiff.testing import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_ht(tokenizer):
+    """A 2-layer random HookedTransformer (d_model 64). Treat as read-only."""
+    from modeldiff.testing import tiny_hooked_transformer
+
+    return tiny_hooked_transformer(tokenizer=tokenizer)
