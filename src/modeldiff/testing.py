@@ -79,9 +79,7 @@ def make_tokenizer(vocab_size: int = 512, *, chat_template: str | None = CHAT_TE
         'hello world'
     """
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     # TransformerLens re-loads a tokenizer from its `name_or_path` (to make a BOS-adding twin), so
     # the tokenizer must live in a folder: write it once per content hash and load it from there.
@@ -178,7 +176,12 @@ def save_tiny_hf_model(
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(_FAMILIES)}")
     tok = make_tokenizer(vocab_size)
     v = len(tok)
-    common: dict[str, Any] = {"vocab_size": v, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    common: dict[str, Any] = {
+        "vocab_size": v,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+    }
     if family == "gpt2":
         cfg = transformers.GPT2Config(
             n_embd=hidden_size, n_layer=n_layers, n_head=4, n_positions=128, **common

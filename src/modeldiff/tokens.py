@@ -1,0 +1,311 @@
+"""Prompts to token ids, one convention for every model of an experiment.
+
+modeldiff tokenizes prompts itself and hands token tensors to the model, so a wrapper never adds a BOS
+of its own: the base and the fine-tuned model of a diff see identical ids.
+
+A prompt is one of
+
+* a plain string;
+* a chat: a list of ``{"role": ..., "content": ...}`` messages, rendered with the tokenizer's chat
+  template and the assistant generation prompt;
+* a ``(prompt, response)`` pair, ``prompt`` being a string or a chat and ``response`` a string. The
+  response is tokenized on its own and appended, exactly as if the model had generated it;
+* token ids already (a list of ints or a 1-D integer tensor), used as they are.
+
+BOS: plain strings get the tokenizer's BOS token when ``prepend_bos`` is true (default: the model's
+``cfg.default_prepend_bos``, the convention sae-lens SAEs are usually trained with). Chats get exactly
+what their template writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+__all__ = [
+    "Positions",
+    "Prompt",
+    "PromptError",
+    "TokenizedPrompt",
+    "pad_batch",
+    "render_chat",
+    "select_positions",
+    "tokenize_prompts",
+]
+
+Chat = Sequence[Mapping[str, str]]
+Prompt = Union[str, Chat, tuple[str | Chat, str], Sequence[int], Tensor]
+# "all" | "prompt" | "response" | "last_prompt", or one explicit selection per prompt: a bool mask
+# over that prompt's tokens or a list of token indices.
+Positions = Union[str, Sequence[Sequence[int] | Sequence[bool] | Tensor]]
+POSITION_NAMES = ("all", "prompt", "response", "last_prompt")
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be tokenized as asked."""
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """Token ids of one prompt; ``ids[:n_prompt]`` are prompt tokens, the rest response tokens."""
+
+    ids: tuple[int, ...]
+    n_prompt: int
+    has_bos: bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def get_tokenizer(model_or_tokenizer: Any) -> Any:
+    """The transformers tokenizer of a model (or the tokenizer itself)."""
+    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    if tok is None or not callable(getattr(tok, "encode", None)):
+        raise PromptError(
+            "the model has no tokenizer attached; load it with modeldiff.load_model(...) or set "
+            "model.tokenizer = AutoTokenizer.from_pretrained(<folder>)"
+        )
+    return tok
+
+
+def _is_chat(x: Any) -> bool:
+    return (
+        isinstance(x, Sequence)
+        and not isinstance(x, str)
+        and len(x) > 0
+        and all(isinstance(m, Mapping) for m in x)
+    )
+
+
+def _is_ids(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.ndim == 1 and not x.is_floating_point()
+    return (
+        isinstance(x, Sequence)
+        and not isinstance(x, str)
+        and len(x) > 0
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    )
+
+
+def render_chat(tokenizer: Any, messages: Chat, *, add_generation_prompt: bool = True) -> str:
+    """Render chat ``messages`` with the tokenizer's chat template, as text.
+
+    Example:
+        >>> from modeldiff.testing import make_tokenizer
+        >>> render_chat(make_tokenizer(), [{"role": "user", "content": "Hi"}])
+        '<s>user\\nHi</s>\\n<s>assistant\\n'
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError(
+            "chat prompts need a chat template, and this tokenizer has none. Pass plain strings, or set "
+            "tokenizer.chat_template to a Jinja template for this model."
+        )
+    for i, m in enumerate(messages):
+        if "role" not in m or "content" not in m:
+            raise PromptError(f"chat message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _default_prepend_bos(model_or_tokenizer: Any) -> bool:
+    cfg = getattr(model_or_tokenizer, "cfg", None)
+    return bool(getattr(cfg, "default_prepend_bos", False))
+
+
+def _describe(prompt: Any) -> str:
+    text = repr(prompt)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def tokenize_prompts(
+    model_or_tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    prepend_bos: bool | None = None,
+    max_length: int | None = None,
+    truncate: bool = False,
+) -> list[TokenizedPrompt]:
+    """Tokenize ``prompts`` with the model's tokenizer under modeldiff's one convention.
+
+    ``max_length`` defaults to the model's context window (``cfg.n_ctx``). A longer prompt is an
+    error naming it, unless ``truncate=True`` keeps its first ``max_length`` tokens.
+
+    Example:
+        >>> from modeldiff.testing import make_tokenizer
+        >>> tok = make_tokenizer()
+        >>> [tp] = tokenize_prompts(tok, [("Hello", " world")], prepend_bos=True)
+        >>> tp.has_bos, tp.n_prompt < len(tp)
+        (True, True)
+    """
+    if isinstance(prompts, (str, Tensor)) or _is_chat(prompts):
+        prompts = [prompts]  # type: ignore[list-item]
+    if len(prompts) == 0:
+        raise PromptError("the prompt list is empty; pass at least one prompt")
+    tok = get_tokenizer(model_or_tokenizer)
+    if prepend_bos is None:
+        prepend_bos = _default_prepend_bos(model_or_tokenizer)
+    if max_length is None:
+        cfg = getattr(model_or_tokenizer, "cfg", None)
+        max_length = getattr(cfg, "n_ctx", None)
+    bos = tok.bos_token_id
+
+    out: list[TokenizedPrompt] = []
+    for i, prompt in enumerate(prompts):
+        response: str | None = None
+        if isinstance(prompt, tuple):
+            if len(prompt) != 2 or not isinstance(prompt[1], str):
+                raise PromptError(
+                    f"prompt {i} is a tuple but not a (prompt, response-string) pair: {_describe(prompt)}"
+                )
+            prompt, response = prompt
+        if _is_ids(prompt):
+            ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
+            prompt_text = None
+        elif _is_chat(prompt):
+            prompt_text = render_chat(tok, prompt)  # type: ignore[arg-type]
+            ids = _encode(tok, prompt_text)
+        elif isinstance(prompt, str):
+            prompt_text = prompt
+            ids = _encode(tok, prompt)
+            if prepend_bos:
+                if bos is None:
+                    raise PromptError(
+                        "prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False"
+                    )
+                ids = [bos, *ids]
+        else:
+            raise PromptError(
+                f"prompt {i} is neither a string, a chat message list, a (prompt, response) pair nor "
+                f"token ids: {_describe(prompt)}"
+            )
+        n_prompt = len(ids)
+        if response is not None:
+            if prompt_text is not None and _is_chat(prompt):
+                # The assistant turn as the template writes it (end-of-turn markers included).
+                full = tok.apply_chat_template(
+                    [*map(dict, prompt), {"role": "assistant", "content": response}],  # type: ignore[arg-type]
+                    tokenize=False,
+                )
+                if full.startswith(prompt_text):
+                    response = full[len(prompt_text) :]
+            ids = ids + _encode(tok, response)
+        if not ids:
+            raise PromptError(f"prompt {i} is empty after tokenization: {_describe(prompt)}")
+        if max_length is not None and len(ids) > max_length:
+            if not truncate:
+                raise PromptError(
+                    f"prompt {i} has {len(ids)} tokens, more than the model's context window of "
+                    f"{max_length}: {_describe(prompt)}. Shorten it, or pass truncate=True to keep the "
+                    f"first {max_length} tokens."
+                )
+            ids = ids[:max_length]
+            n_prompt = min(n_prompt, max_length)
+        out.append(TokenizedPrompt(tuple(ids), n_prompt, bos is not None and ids[0] == bos))
+    return out
+
+
+def select_positions(
+    prompts: Sequence[TokenizedPrompt],
+    positions: Positions = "all",
+    *,
+    include_bos: bool = False,
+) -> list[list[int]]:
+    """Which token positions of each prompt to use. Pad tokens never appear (they are not in ``ids``).
+
+    Example:
+        >>> tp = TokenizedPrompt(ids=(1, 7, 8, 9), n_prompt=3, has_bos=True)
+        >>> select_positions([tp], "prompt"), select_positions([tp], "response")
+        ([[1, 2]], [[3]])
+        >>> select_positions([tp], "last_prompt", include_bos=True)
+        [[2]]
+    """
+    out: list[list[int]] = []
+    if isinstance(positions, str):
+        if positions not in POSITION_NAMES:
+            raise PromptError(
+                f"unknown positions {positions!r}; use one of {', '.join(POSITION_NAMES)} or one explicit "
+                "selection (bool mask or index list) per prompt"
+            )
+        for tp in prompts:
+            n, p = len(tp), tp.n_prompt
+            sel = {
+                "all": range(n),
+                "prompt": range(p),
+                "response": range(p, n),
+                "last_prompt": range(p - 1, p),
+            }[positions]
+            out.append([j for j in sel if include_bos or not (j == 0 and tp.has_bos)])
+        if positions == "response" and not any(out):
+            raise PromptError(
+                "positions='response' selects nothing: pass (prompt, response) pairs to have response tokens"
+            )
+        return out
+
+    if len(positions) != len(prompts):
+        raise PromptError(
+            f"got {len(positions)} explicit position selections for {len(prompts)} prompts; pass one per prompt"
+        )
+    for i, (tp, sel) in enumerate(zip(prompts, positions)):
+        vals = sel.tolist() if isinstance(sel, Tensor) else list(sel)
+        if vals and all(isinstance(v, bool) for v in vals):
+            if len(vals) != len(tp):
+                raise PromptError(
+                    f"the position mask of prompt {i} has {len(vals)} entries but the prompt has "
+                    f"{len(tp)} tokens"
+                )
+            idx = [j for j, keep in enumerate(vals) if keep]
+        else:
+            idx = [int(v) + len(tp) if int(v) < 0 else int(v) for v in vals]
+            bad = [v for v in idx if not 0 <= v < len(tp)]
+            if bad:
+                raise PromptError(
+                    f"positions {bad} are out of range for prompt {i}, which has {len(tp)} tokens"
+                )
+            idx = sorted(set(idx))
+        out.append([j for j in idx if include_bos or not (j == 0 and tp.has_bos)])
+    return out
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id used for padding: pad, else EOS, else 0 (masked out either way)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]], *, pad: int, side: str = "right", device: Any = None
+) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"], Int[Tensor, " batch"]]:
+    """Pad token sequences into a batch. Returns tokens, attention mask and each row's start offset.
+
+    Example:
+        >>> toks, mask, offset = pad_batch([[5, 6], [7]], pad=0, side="left")
+        >>> toks.tolist(), mask.tolist(), offset.tolist()
+        ([[5, 6], [0, 7]], [[1, 1], [0, 1]], [0, 1])
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in seqs)
+    toks = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    offset = torch.zeros(len(seqs), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        start = width - len(s) if side == "left" else 0
+        toks[r, start : start + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[r, start : start + len(s)] = 1
+        offset[r] = start
+    if device is not None:
+        toks, mask, offset = toks.to(device), mask.to(device), offset.to(device)
+    return toks, mask, offset
