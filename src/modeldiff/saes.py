@@ -1,0 +1,391 @@
+"""Loading sae-lens SAEs and checking that one fits a model before any work is done.
+
+``load_sae`` accepts what a user is likely to have: an SAE object, a folder written by sae-lens
+(``save_model`` or ``save_inference_model``), or a registry name ``"release/sae_id"``.
+``check_sae`` runs every compatibility check in one place and fails with a message that names the
+problem and the fix; ``sae_identity`` describes an SAE (without its weights) so a saved result can say
+which SAE produced it.
+
+Example:
+    >>> from sae_lens import StandardSAE, StandardSAEConfig
+    >>> sae = load_sae(StandardSAE(StandardSAEConfig(d_in=8, d_sae=16)))
+    >>> sae.cfg.d_sae
+    16
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .directions import sae_d_in, sae_d_sae
+from .sites import Site
+
+__all__ = [
+    "SAEError",
+    "check_same_vocab",
+    "check_sae",
+    "is_batch_coupled",
+    "load_sae",
+    "model_dtype_device",
+    "sae_fingerprint",
+    "sae_identity",
+    "to_inference_sae",
+]
+
+
+class SAEError(ValueError):
+    """An SAE that cannot be loaded, or does not fit the model it is used with."""
+
+
+def _is_sae(obj: Any) -> bool:
+    try:
+        from sae_lens import SAE
+    except ImportError:  # pragma: no cover - sae-lens is a hard dependency
+        return False
+    return isinstance(obj, SAE)
+
+
+def _str_to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    got = getattr(torch, name, None)
+    if not isinstance(got, torch.dtype):
+        raise SAEError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or torch.float16")
+    return got
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _load_folder(path: Path, device: str, dtype: torch.dtype | None) -> Any:
+    from sae_lens import SAE, TrainingSAE
+
+    cfg_file = path / "cfg.json"
+    if not cfg_file.exists() or not (path / "sae_weights.safetensors").exists():
+        raise SAEError(
+            f"{str(path)!r} is not an sae-lens SAE folder: it needs cfg.json and "
+            "sae_weights.safetensors (written by sae.save_model(folder) or "
+            "training_sae.save_inference_model(folder))"
+        )
+    dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    try:
+        architecture = json.loads(cfg_file.read_text()).get("architecture", "standard")
+    except json.JSONDecodeError as e:
+        raise SAEError(f"{str(cfg_file)!r} is not valid JSON ({e}); re-save the SAE") from None
+    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+    if architecture in SAE_CLASS_REGISTRY:
+        return SAE.load_from_disk(path, device=device, dtype=dtype_name)
+    if architecture in SAE_TRAINING_CLASS_REGISTRY:
+        # A training checkpoint (e.g. BatchTopK) saved with save_model: load it as the training class.
+        return TrainingSAE.load_from_disk(path, device=device, dtype=dtype_name)
+    raise SAEError(
+        f"{str(path)!r} holds an SAE of architecture {architecture!r}, which this sae-lens version "
+        f"does not know (known: {', '.join(sorted(SAE_CLASS_REGISTRY))}); upgrade sae-lens"
+    )
+
+
+def _load_registry(spec: str, device: str, dtype: torch.dtype | None) -> Any:
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    release, _, sae_id = spec.partition("/")
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise SAEError(
+            f"{spec!r} is neither an existing folder nor a known sae-lens release/id "
+            f"(no release {release!r} in sae-lens' registry). Pass an SAE object, a folder written "
+            "by sae.save_model(folder), or 'release/sae_id' from the sae-lens pretrained list"
+        )
+    if sae_id not in directory[release].saes_map:
+        ids = list(directory[release].saes_map)
+        shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+        raise SAEError(f"release {release!r} has no SAE {sae_id!r}; its ids include: {shown}")
+    if _hub_offline():
+        raise SAEError(
+            f"{spec!r} would be downloaded from the Hugging Face hub, but hub access is off "
+            "(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set). On a machine with network run "
+            f"SAE.from_pretrained({release!r}, {sae_id!r}).save_model(folder), copy the folder "
+            "here and call load_sae(folder)"
+        )
+    dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype_name)
+    sae.cfg.metadata.modeldiff_release = release
+    sae.cfg.metadata.modeldiff_sae_id = sae_id
+    return sae
+
+
+def load_sae(
+    source: Any,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Any:
+    """An sae-lens SAE from an object, a saved folder, or a registry ``"release/sae_id"``.
+
+    Args:
+        source: an sae-lens ``SAE`` (any architecture: Standard, TopK, JumpReLU, BatchTopK, ...),
+            returned as is unless ``device``/``dtype`` ask for a converted copy; a folder written by
+            ``save_model`` / ``save_inference_model``; or ``"release/sae_id"`` from sae-lens'
+            pretrained list (downloads, so it needs network; with the hub switched off it fails at
+            once and says how to load a local copy instead).
+        device: where to put the SAE (default: as saved, CPU for folders and registry SAEs).
+        dtype: the SAE's dtype (default: as saved).
+
+    Example:
+        >>> import tempfile
+        >>> from sae_lens import TopKSAE, TopKSAEConfig
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=2)).save_model(folder)
+        >>> type(load_sae(folder)).__name__
+        'TopKSAE'
+    """
+    want_dtype = _str_to_dtype(dtype)
+    if _is_sae(source):
+        if device is None and want_dtype is None:
+            return source
+        out = copy.deepcopy(source)
+        return out.to(
+            **({"device": torch.device(device)} if device is not None else {}),
+            **({"dtype": want_dtype} if want_dtype is not None else {}),
+        )
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        dev = str(device) if device is not None else "cpu"
+        if path.is_dir():
+            return _load_folder(path, dev, want_dtype)
+        if path.exists():
+            raise SAEError(
+                f"{str(path)!r} is a file; pass the folder that holds cfg.json and "
+                "sae_weights.safetensors"
+            )
+        text = str(source)
+        if "/" in text and not text.startswith((".", "/", "~")):
+            return _load_registry(text, dev, want_dtype)
+        raise SAEError(
+            f"no SAE folder at {text!r}; pass an SAE object, an existing folder written by "
+            "sae.save_model(folder), or 'release/sae_id' from sae-lens' pretrained list"
+        )
+    if isinstance(source, tuple) and len(source) == 2 and all(isinstance(s, str) for s in source):
+        dev = str(device) if device is not None else "cpu"
+        return _load_registry(f"{source[0]}/{source[1]}", dev, want_dtype)
+    raise SAEError(
+        f"cannot load an SAE from a {type(source).__name__}; pass an sae-lens SAE, a folder "
+        "written by sae.save_model(folder), or 'release/sae_id'"
+    )
+
+
+def is_batch_coupled(sae: Any) -> bool:
+    """Whether the SAE's encoder mixes tokens of a batch (BatchTopK picks top-k over the batch).
+
+    Such an encoder makes a token's latents depend on which other tokens share its batch, so
+    statistics would change with the batch size. Convert it with :func:`to_inference_sae`.
+
+    Example:
+        >>> from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+        >>> is_batch_coupled(BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=8, d_sae=16, k=2)))
+        True
+    """
+    try:
+        from sae_lens.saes.batchtopk_sae import BatchTopK
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(getattr(sae, "activation_fn", None), BatchTopK)
+
+
+def to_inference_sae(sae: Any) -> Any:
+    """The inference twin of an sae-lens training SAE (a BatchTopK one becomes JumpReLU).
+
+    Goes through sae-lens' own ``save_inference_model`` in a temporary folder, so the conversion is
+    exactly what sae-lens does when a training run ends. Inference SAEs are returned unchanged.
+
+    Example:
+        >>> from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+        >>> sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=8, d_sae=16, k=2))
+        >>> type(to_inference_sae(sae)).__name__
+        'JumpReLUSAE'
+    """
+    from sae_lens import SAE, TrainingSAE
+
+    if not isinstance(sae, TrainingSAE):
+        return sae
+    device = next(sae.parameters()).device
+    with tempfile.TemporaryDirectory(prefix="modeldiff-sae-") as tmp:
+        sae.save_inference_model(tmp)
+        return SAE.load_from_disk(tmp, device=str(device))
+
+
+def model_dtype_device(model: Any) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of a model's first floating-point parameter."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def check_sae(sae: Any, model: Any, site: Site | None = None, *, convert: bool = False) -> Any:
+    """Check that ``sae`` can read ``model``'s activations at ``site``; return the SAE to use.
+
+    Raises :class:`SAEError` (or :class:`~modeldiff.sites.SiteError`) naming the problem and the fix
+    when: the site is missing from the model; the SAE's ``d_in`` differs from the model's
+    ``d_model``; the SAE reads reshaped ``hook_z`` activations; its encoder mixes the tokens of a
+    batch (BatchTopK); or its dtype/device differ from the model's (``convert=True`` returns a
+    converted *copy* instead; the caller's SAE is never modified). Warns when the SAE's metadata
+    names another hook or another model.
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer(d_model=32)
+        >>> check_sae(StandardSAE(StandardSAEConfig(d_in=64, d_sae=8)), m, Site.resid_post(0))
+        Traceback (most recent call last):
+        ...
+        modeldiff.saes.SAEError: the SAE reads vectors of size d_in=64 but the model's d_model is 32 at blocks.0.hook_resid_post: this SAE was trained on a different model; use an SAE trained on this model
+    """
+    if site is None:
+        site = Site.from_sae(sae)
+    site.validate(model)
+    d_in, d_model = sae_d_in(sae), int(model.cfg.d_model)
+    if d_in != d_model:
+        raise SAEError(
+            f"the SAE reads vectors of size d_in={d_in} but the model's d_model is {d_model} at "
+            f"{site.hook_name}: this SAE was trained on a different model; use an SAE trained on "
+            "this model"
+        )
+    cfg = getattr(sae, "cfg", None)
+    if getattr(cfg, "reshape_activations", "none") == "hook_z":
+        raise SAEError(
+            "this SAE reads per-head hook_z activations; modeldiff diffs residual-stream sites "
+            "(resid_pre/mid/post, attn_out, mlp_out). Use an SAE trained on one of those"
+        )
+    if is_batch_coupled(sae):
+        raise SAEError(
+            f"{type(sae).__name__} picks its top-k over the whole batch, so a token's latents would "
+            "depend on the other prompts in its batch. Convert it first: "
+            "sae = modeldiff.saes.to_inference_sae(sae) (what sae-lens saves after training)"
+        )
+    meta = getattr(cfg, "metadata", None)
+    hook = getattr(meta, "hook_name", None) if meta is not None else None
+    if hook and hook != site.hook_name:
+        warnings.warn(
+            f"the SAE was trained on {hook!r} but is applied at {site.hook_name!r}; its latents may "
+            "mean nothing there. Leave site=None to use the SAE's own hook",
+            UserWarning,
+            stacklevel=3,
+        )
+    m_dtype, m_device = model_dtype_device(model)
+    s_param = next(iter(sae.parameters()))
+    s_dtype, s_device = s_param.dtype, s_param.device
+    if s_dtype != m_dtype or s_device != m_device:
+        if not convert:
+            raise SAEError(
+                f"the SAE is {str(s_dtype).removeprefix('torch.')} on {s_device} but the model is "
+                f"{str(m_dtype).removeprefix('torch.')} on {m_device}. Pass convert_sae=True to "
+                "use a converted copy, or load it to match: "
+                f"load_sae(sae, device={str(m_device)!r}, dtype={str(m_dtype).removeprefix('torch.')!r})"
+            )
+        sae = copy.deepcopy(sae).to(device=m_device, dtype=m_dtype)
+    return sae
+
+
+def check_same_vocab(base: Any, finetuned: Any) -> None:
+    """Raise :class:`SAEError` unless both models share vocabulary size and tokenizer vocabulary.
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> check_same_vocab(tiny_hooked_transformer(), tiny_hooked_transformer(seed=1))
+    """
+    vb, vf = int(base.cfg.d_vocab), int(finetuned.cfg.d_vocab)
+    if vb != vf:
+        raise SAEError(
+            f"the base model has a vocabulary of {vb} tokens and the fine-tuned one {vf}: they are "
+            "not a base/fine-tune pair, or the fine-tune added tokens. Diff models that share a "
+            "tokenizer (resize embeddings of the base to match if tokens were added)"
+        )
+    tb, tf = getattr(base, "tokenizer", None), getattr(finetuned, "tokenizer", None)
+    if tb is not None and tf is not None and tb is not tf and tb.get_vocab() != tf.get_vocab():
+        raise SAEError(
+            "the base and fine-tuned tokenizers map tokens to different ids, so the same prompt "
+            "would not give the same tokens. Load both models with the same tokenizer "
+            "(load_model(finetuned, like=base))"
+        )
+    d_b, d_f = int(base.cfg.d_model), int(finetuned.cfg.d_model)
+    if d_b != d_f:
+        raise SAEError(
+            f"the base model's d_model is {d_b} and the fine-tuned one's {d_f}: they are not a "
+            "base/fine-tune pair"
+        )
+
+
+def sae_identity(sae: Any) -> dict[str, Any]:
+    """A JSON-ready description of an SAE (no weights): architecture, sizes, hook, source, fingerprint.
+
+    The fingerprint hashes the decoder bias and a fixed sample of decoder rows, so a result saved with
+    one SAE can check that a later SAE is the same one, without hashing gigabytes.
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> sae = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16))
+        >>> ident = sae_identity(sae)
+        >>> ident["d_sae"], ident["architecture"], len(ident["fingerprint"])
+        (16, 'standard', 16)
+    """
+    cfg = getattr(sae, "cfg", None)
+    meta = getattr(cfg, "metadata", None)
+
+    def _meta(name: str) -> Any:
+        v = getattr(meta, name, None) if meta is not None else None
+        return v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
+
+    arch = getattr(cfg, "architecture", None)
+    return {
+        "class": type(sae).__name__,
+        "architecture": arch() if callable(arch) else arch,
+        "d_in": sae_d_in(sae),
+        "d_sae": sae_d_sae(sae),
+        "hook_name": _meta("hook_name"),
+        "model_name": _meta("model_name"),
+        "release": _meta("modeldiff_release"),
+        "sae_id": _meta("modeldiff_sae_id"),
+        "neuronpedia_id": _meta("neuronpedia_id"),
+        "dtype": str(sae.W_dec.dtype).removeprefix("torch."),
+        "fingerprint": sae_fingerprint(sae),
+    }
+
+
+@torch.no_grad()
+def sae_fingerprint(sae: Any, n_rows: int = 256) -> str:
+    """A short hash of the SAE's decoder (bias plus ``n_rows`` evenly spaced rows).
+
+    Values are hashed as float32, so a float32 SAE and its float64 copy share a fingerprint.
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> sae = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16))
+        >>> sae_fingerprint(sae) == sae_fingerprint(load_sae(sae, dtype="float64"))
+        True
+    """
+    w = sae.W_dec.detach()
+    idx = torch.linspace(0, w.shape[0] - 1, min(n_rows, w.shape[0])).round().long().to(w.device)
+    parts = [w[idx]]
+    b = getattr(sae, "b_dec", None)
+    if isinstance(b, torch.Tensor):
+        parts.append(b.detach().reshape(1, -1))
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,577 @@
+"""Mergeable running statistics for SAE latents and residual vectors, plus the paired-test maths.
+
+Every statistic here has the same four methods: ``update`` (fold in one batch), ``merge`` (fold in
+another statistic of the same kind, e.g. a shard computed on another machine), ``state_dict`` (a flat
+``dict[str, Tensor]`` that safetensors can write) and ``load_state_dict``. Nothing keeps activations:
+sums are float64, so a run over millions of tokens loses no precision and the order of batches only
+changes the last bits.
+
+Per-prompt sums (needed for the paired, prompt-level uncertainty) are held *sparsely*: one
+``(prompt, latent, sum)`` triple for every latent that fired at least once in that prompt. Memory is
+``O(d_sae + n_prompts · k)`` where ``k`` is the number of distinct latents a prompt fires, bounded
+by ``min(d_sae, tokens_per_prompt · L0)``. Latents that never fire in a prompt cost nothing, and the
+sums are exact (a latent absent from a prompt summed to zero there).
+
+Example:
+    >>> import torch
+    >>> s = LatentStats(4)
+    >>> acts = torch.tensor([[0.0, 1.0, 0.0, 2.0], [0.0, 3.0, 0.0, 0.0]])
+    >>> s.update(acts, prompt_index=torch.tensor([0, 0]), position=torch.tensor([0, 1]))
+    >>> s.mean.tolist(), s.freq.tolist()
+    ([0.0, 2.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.5])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = [
+    "LatentStats",
+    "PairedResult",
+    "VectorStats",
+    "benjamini_hochberg",
+    "paired_uncertainty",
+]
+
+_POS_BITS = 32  # a max location is stored as one int64 key: prompt << 32 | position
+_NO_LOC = -1
+# Below this fraction of non-zero activations the sparse update path is cheaper than the dense one.
+_SPARSE_FRACTION = 0.05
+
+
+def _loc_key(prompt_index: Tensor, position: Tensor) -> Tensor:
+    if (position < 0).any() or (position >= 2**_POS_BITS).any() or (prompt_index < 0).any():
+        raise ValueError("prompt_index and position must be non-negative (position < 2**32)")
+    return (prompt_index.long() << _POS_BITS) | position.long()
+
+
+class LatentStats:
+    """Streaming per-latent statistics of SAE activations over tokens (one model, one site).
+
+    Tracks per latent: token count, sum, sum of squares, firing count (activation > 0), the largest
+    activation and the (prompt, position) where it first occurred (ties go to the smaller prompt,
+    then position), and sparse per-prompt sums with per-prompt token counts.
+
+    Args:
+        d_sae: number of latents.
+        track_prompts: keep the sparse per-prompt sums (needed for confidence intervals and
+            p-values). Turn off only for a quick ranking without uncertainty.
+
+    Example:
+        >>> import torch
+        >>> a, b = LatentStats(3), LatentStats(3)
+        >>> x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 4.0]])
+        >>> a.update(x[:1], prompt_index=torch.tensor([0]), position=torch.tensor([0]))
+        >>> b.update(x[1:], prompt_index=torch.tensor([1]), position=torch.tensor([0]))
+        >>> a.merge(b).max_location(2)
+        (1, 0)
+    """
+
+    def __init__(self, d_sae: int, *, track_prompts: bool = True) -> None:
+        if d_sae < 1:
+            raise ValueError(f"d_sae must be positive, got {d_sae}")
+        self.d_sae = int(d_sae)
+        self.track_prompts = bool(track_prompts)
+        self.count = 0
+        self.sum = torch.zeros(d_sae, dtype=torch.float64)
+        self.sumsq = torch.zeros(d_sae, dtype=torch.float64)
+        self.fire = torch.zeros(d_sae, dtype=torch.int64)
+        self.max = torch.zeros(d_sae, dtype=torch.float64)
+        self.max_key = torch.full((d_sae,), _NO_LOC, dtype=torch.int64)
+        self.prompt_count = torch.zeros(0, dtype=torch.int64)
+        # Sparse per-prompt sums: coalesced part plus pending chunks (coalesced lazily).
+        self._pp_key = torch.zeros(0, dtype=torch.int64)  # prompt * d_sae + latent, sorted, unique
+        self._pp_val = torch.zeros(0, dtype=torch.float64)
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending_n = 0
+
+    # -- derived quantities ----------------------------------------------------------------------
+    @property
+    def mean(self) -> Float[Tensor, " d_sae"]:
+        """Mean activation per latent over all tokens seen (zeros before any update)."""
+        return self.sum / max(self.count, 1)
+
+    @property
+    def var(self) -> Float[Tensor, " d_sae"]:
+        """Population variance per latent over tokens (clamped at 0 against rounding)."""
+        m = self.mean
+        return (self.sumsq / max(self.count, 1) - m * m).clamp_min(0.0)
+
+    @property
+    def freq(self) -> Float[Tensor, " d_sae"]:
+        """Fraction of tokens on which each latent fired (activation > 0)."""
+        return self.fire.double() / max(self.count, 1)
+
+    @property
+    def n_prompts(self) -> int:
+        """One more than the largest prompt index seen."""
+        return int(self.prompt_count.numel())
+
+    def max_location(self, latent: int) -> tuple[int, int]:
+        """``(prompt, position)`` of the latent's largest activation, ``(-1, -1)`` if it never fired."""
+        key = int(self.max_key[latent])
+        if key < 0:
+            return (-1, -1)
+        return (key >> _POS_BITS, key & (2**_POS_BITS - 1))
+
+    @property
+    def max_prompt(self) -> Int[Tensor, " d_sae"]:
+        """Prompt index of each latent's largest activation (-1 if it never fired)."""
+        return torch.where(self.max_key >= 0, self.max_key >> _POS_BITS, -1)
+
+    @property
+    def max_position(self) -> Int[Tensor, " d_sae"]:
+        """Token position of each latent's largest activation (-1 if it never fired)."""
+        return torch.where(self.max_key >= 0, self.max_key & (2**_POS_BITS - 1), -1)
+
+    # -- update ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(
+        self,
+        acts: Float[Tensor, "n d_sae"],
+        *,
+        prompt_index: Int[Tensor, " n"],
+        position: Int[Tensor, " n"],
+    ) -> None:
+        """Fold in the latent activations of ``n`` tokens (any device; statistics live on CPU)."""
+        if acts.ndim != 2 or acts.shape[1] != self.d_sae:
+            raise ValueError(
+                f"acts must have shape [n, {self.d_sae}] (one row per token, one column per latent); "
+                f"got {tuple(acts.shape)}"
+            )
+        n = acts.shape[0]
+        if prompt_index.shape != (n,) or position.shape != (n,):
+            raise ValueError(
+                f"prompt_index and position need one entry per row of acts ({n}); got "
+                f"{tuple(prompt_index.shape)} and {tuple(position.shape)}"
+            )
+        if n == 0:
+            return
+        prompt_index = prompt_index.to(acts.device).long()
+        position = position.to(acts.device).long()
+        key = _loc_key(prompt_index, position)
+        if bool((key[1:] < key[:-1]).any()):  # keep "first occurrence" = smallest location
+            order = torch.argsort(key, stable=True)
+            acts, key, prompt_index = acts[order], key[order], prompt_index[order]
+        uniq, inv = torch.unique_consecutive(prompt_index, return_inverse=True)
+        nnz = int(torch.count_nonzero(acts))
+        if bool((acts < 0).any()) or nnz > _SPARSE_FRACTION * acts.numel():
+            parts = self._dense_parts(acts, key, inv, len(uniq))
+        else:
+            parts = self._sparse_parts(acts, key, inv, len(uniq))
+        s, sq, fire, mx, mk = (t.cpu() for t in parts[:5])
+        pp = parts[5]
+        self.count += n
+        self.sum += s
+        self.sumsq += sq
+        self.fire += fire
+        self._fold_max(mx, mk)
+        # Per-prompt token counts and sparse sums.
+        uniq_cpu = uniq.cpu()
+        self._grow_prompts(int(uniq_cpu.max()) + 1)
+        self.prompt_count.index_add_(
+            0, uniq_cpu, torch.bincount(inv.cpu(), minlength=len(uniq_cpu))
+        )
+        if self.track_prompts:
+            rows, lat, val = pp
+            self._pending.append((uniq_cpu[rows] * self.d_sae + lat, val))
+            self._pending_n += int(val.numel())
+            if self._pending_n > max(1_000_000, 2 * self._pp_val.numel()):
+                self._coalesce()
+
+    def _dense_parts(self, acts: Tensor, key: Tensor, inv: Tensor, n_rows: int) -> tuple:
+        a64 = acts.to(torch.float64)
+        per_prompt = torch.zeros(n_rows, self.d_sae, dtype=torch.float64, device=acts.device)
+        per_prompt.index_add_(0, inv, a64)
+        s = per_prompt.sum(0)
+        fire = (acts > 0).sum(0)
+        mx, row = acts.max(0)  # first occurrence: rows are sorted by location
+        mx = mx.to(torch.float64).clamp_min(0.0)
+        mk = torch.where(mx > 0, key[row], _NO_LOC)
+        sq = a64.square_().sum(0)
+        if self.track_prompts:
+            r, lat = per_prompt.nonzero(as_tuple=True)
+            pp = (r.cpu(), lat.cpu(), per_prompt[r, lat].cpu())
+        else:
+            pp = None
+        return s, sq, fire, mx, mk, pp
+
+    def _sparse_parts(self, acts: Tensor, key: Tensor, inv: Tensor, n_rows: int) -> tuple:
+        d = self.d_sae
+        r, c = acts.nonzero(as_tuple=True)  # row-major: sorted by token row
+        v = acts[r, c].to(torch.float64)
+        s = torch.zeros(d, dtype=torch.float64, device=acts.device).index_add_(0, c, v)
+        sq = torch.zeros(d, dtype=torch.float64, device=acts.device).index_add_(0, c, v * v)
+        fire = torch.bincount(c, minlength=d)
+        mx = torch.zeros(d, dtype=torch.float64, device=acts.device).scatter_reduce_(
+            0, c, v, "amax", include_self=True
+        )
+        at_max = v == mx[c]
+        big = torch.iinfo(torch.int64).max
+        mk = torch.full((d,), big, dtype=torch.int64, device=acts.device).scatter_reduce_(
+            0, c[at_max], key[r][at_max], "amin", include_self=True
+        )
+        mk = torch.where(mk == big, _NO_LOC, mk)
+        if self.track_prompts:
+            k = inv[r] * d + c
+            uk, ui = torch.unique(k, return_inverse=True)
+            vals = torch.zeros(len(uk), dtype=torch.float64, device=acts.device).index_add_(
+                0, ui, v
+            )
+            pp = ((uk // d).cpu(), (uk % d).cpu(), vals.cpu())
+        else:
+            pp = None
+        return s, sq, fire, mx, mk, pp
+
+    def _fold_max(self, mx: Tensor, mk: Tensor) -> None:
+        # Replace where the incoming max is larger, or equal (and positive) at an earlier location.
+        cur_key = torch.where(self.max_key < 0, torch.iinfo(torch.int64).max, self.max_key)
+        new_key = torch.where(mk < 0, torch.iinfo(torch.int64).max, mk)
+        better = (mx > self.max) | ((mx == self.max) & (mx > 0) & (new_key < cur_key))
+        self.max = torch.where(better, mx, self.max)
+        self.max_key = torch.where(better, mk, self.max_key)
+
+    def _grow_prompts(self, n: int) -> None:
+        if n > self.prompt_count.numel():
+            grown = torch.zeros(n, dtype=torch.int64)
+            grown[: self.prompt_count.numel()] = self.prompt_count
+            self.prompt_count = grown
+
+    def _coalesce(self) -> None:
+        if not self._pending:
+            return
+        keys = torch.cat([self._pp_key, *(k for k, _ in self._pending)])
+        vals = torch.cat([self._pp_val, *(v for _, v in self._pending)])
+        uk, ui = torch.unique(keys, return_inverse=True)  # sorted
+        self._pp_key = uk
+        self._pp_val = torch.zeros(len(uk), dtype=torch.float64).index_add_(0, ui, vals)
+        self._pending, self._pending_n = [], 0
+
+    # -- per-prompt access -----------------------------------------------------------------------
+    def prompt_sums(
+        self, latents: Int[Tensor, " k"] | None = None, *, n_prompts: int | None = None
+    ) -> Float[Tensor, "n_prompts k"]:
+        """Dense per-prompt activation sums for ``latents`` (all latents when ``None``).
+
+        Prompts never seen get zero rows. Divide by :attr:`prompt_count` for per-prompt means.
+        """
+        if not self.track_prompts:
+            raise ValueError(
+                "these statistics were gathered with track_prompts=False, so per-prompt sums are "
+                "unavailable; re-run with track_prompts=True for confidence intervals and p-values"
+            )
+        self._coalesce()
+        n_p = self.n_prompts if n_prompts is None else n_prompts
+        lat_all = self._pp_key % self.d_sae
+        pr_all = self._pp_key // self.d_sae
+        if latents is None:
+            out = torch.zeros(n_p, self.d_sae, dtype=torch.float64)
+            keep = pr_all < n_p
+            out[pr_all[keep], lat_all[keep]] = self._pp_val[keep]
+            return out
+        latents = torch.as_tensor(latents, dtype=torch.int64).cpu()
+        col = torch.full((self.d_sae,), -1, dtype=torch.int64)
+        col[latents] = torch.arange(len(latents))
+        c = col[lat_all]
+        keep = (c >= 0) & (pr_all < n_p)
+        out = torch.zeros(n_p, len(latents), dtype=torch.float64)
+        out[pr_all[keep], c[keep]] = self._pp_val[keep]
+        return out
+
+    @property
+    def n_prompt_entries(self) -> int:
+        """How many (prompt, latent) sums are held: the memory the paired analysis costs."""
+        self._coalesce()
+        return int(self._pp_val.numel())
+
+    # -- merge / persistence ---------------------------------------------------------------------
+    def merge(self, other: LatentStats) -> LatentStats:
+        """Fold ``other`` into ``self`` (in place) and return ``self``.
+
+        Shards may hold different prompts, or different tokens of the same prompts: counts and
+        sums add, maxima keep the larger (earlier on ties), per-prompt sums add entry by entry.
+        """
+        if not isinstance(other, LatentStats) or other.d_sae != self.d_sae:
+            raise ValueError(
+                f"can only merge LatentStats with the same d_sae ({self.d_sae}); got "
+                f"{getattr(other, 'd_sae', type(other).__name__)}"
+            )
+        if self.track_prompts != other.track_prompts:
+            raise ValueError(
+                "cannot merge statistics gathered with and without track_prompts; use the same setting"
+            )
+        self.count += other.count
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.fire += other.fire
+        self._fold_max(other.max, other.max_key)
+        self._grow_prompts(other.n_prompts)
+        self.prompt_count[: other.n_prompts] += other.prompt_count
+        if self.track_prompts:
+            other._coalesce()
+            self._pending.append((other._pp_key.clone(), other._pp_val.clone()))
+            self._coalesce()
+        return self
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """All state as named CPU tensors (safetensors-ready)."""
+        self._coalesce()
+        return {
+            "d_sae": torch.tensor(self.d_sae),
+            "track_prompts": torch.tensor(int(self.track_prompts)),
+            "count": torch.tensor(self.count, dtype=torch.int64),
+            "sum": self.sum.clone(),
+            "sumsq": self.sumsq.clone(),
+            "fire": self.fire.clone(),
+            "max": self.max.clone(),
+            "max_key": self.max_key.clone(),
+            "prompt_count": self.prompt_count.clone(),
+            "pp_key": self._pp_key.clone(),
+            "pp_val": self._pp_val.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (replaces the current state)."""
+        missing = {
+            "d_sae",
+            "count",
+            "sum",
+            "sumsq",
+            "fire",
+            "max",
+            "max_key",
+            "prompt_count",
+        } - set(state)
+        if missing:
+            raise ValueError(f"not a LatentStats state: missing {sorted(missing)}")
+        self.d_sae = int(state["d_sae"])
+        self.track_prompts = bool(int(state.get("track_prompts", torch.tensor(1))))
+        self.count = int(state["count"])
+        self.sum = state["sum"].double().clone()
+        self.sumsq = state["sumsq"].double().clone()
+        self.fire = state["fire"].long().clone()
+        self.max = state["max"].double().clone()
+        self.max_key = state["max_key"].long().clone()
+        self.prompt_count = state["prompt_count"].long().clone()
+        self._pp_key = state.get("pp_key", torch.zeros(0, dtype=torch.int64)).long().clone()
+        self._pp_val = state.get("pp_val", torch.zeros(0, dtype=torch.float64)).double().clone()
+        self._pending, self._pending_n = [], 0
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> LatentStats:
+        """A new instance holding ``state``.
+
+        Example:
+            >>> s = LatentStats(2)
+            >>> LatentStats.from_state_dict(s.state_dict()).d_sae
+            2
+        """
+        out = cls(int(state["d_sae"]))
+        out.load_state_dict(state)
+        return out
+
+
+class VectorStats:
+    """Streaming mean of vectors (e.g. residual activations), in float64, with the mean L2 norm.
+
+    Example:
+        >>> import torch
+        >>> v = VectorStats(2)
+        >>> v.update(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+        >>> v.mean.tolist(), v.mean_norm
+        ([2.0, 0.0], 2.0)
+    """
+
+    def __init__(self, d: int) -> None:
+        self.d = int(d)
+        self.count = 0
+        self.sum = torch.zeros(d, dtype=torch.float64)
+        self.norm_sum = 0.0
+
+    @property
+    def mean(self) -> Float[Tensor, " d"]:
+        """Mean vector (zeros before any update)."""
+        return self.sum / max(self.count, 1)
+
+    @property
+    def mean_norm(self) -> float:
+        """Mean L2 norm of the vectors seen."""
+        return self.norm_sum / max(self.count, 1)
+
+    @torch.no_grad()
+    def update(self, x: Float[Tensor, "n d"]) -> None:
+        """Fold in ``n`` vectors."""
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"expected shape [n, {self.d}], got {tuple(x.shape)}")
+        x64 = x.to(torch.float64)
+        self.count += int(x.shape[0])
+        self.sum += x64.sum(0).cpu()
+        self.norm_sum += float(x64.norm(dim=1).sum())
+
+    def merge(self, other: VectorStats) -> VectorStats:
+        """Fold ``other`` into ``self`` and return ``self``."""
+        if not isinstance(other, VectorStats) or other.d != self.d:
+            raise ValueError(f"can only merge VectorStats of the same dimension {self.d}")
+        self.count += other.count
+        self.sum += other.sum
+        self.norm_sum += other.norm_sum
+        return self
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """All state as named CPU tensors."""
+        return {
+            "d": torch.tensor(self.d),
+            "count": torch.tensor(self.count, dtype=torch.int64),
+            "sum": self.sum.clone(),
+            "norm_sum": torch.tensor(self.norm_sum, dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.d = int(state["d"])
+        self.count = int(state["count"])
+        self.sum = state["sum"].double().clone()
+        self.norm_sum = float(state["norm_sum"])
+
+
+# -- paired uncertainty over prompts -------------------------------------------------------------
+
+
+def benjamini_hochberg(p: Float[Tensor, " m"]) -> Float[Tensor, " m"]:
+    """Benjamini–Hochberg q-values (false discovery rate) for p-values ``p``, in their order.
+
+    Example:
+        >>> import torch
+        >>> q = benjamini_hochberg(torch.tensor([0.01, 0.04, 0.03, 0.5], dtype=torch.float64))
+        >>> [round(x, 4) for x in q.tolist()]
+        [0.04, 0.0533, 0.0533, 0.5]
+    """
+    p = torch.as_tensor(p, dtype=torch.float64)
+    m = p.numel()
+    if m == 0:
+        return p.clone()
+    order = torch.argsort(p)
+    ranked = p[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
+    # q_(i) = min over j >= i of p_(j) m / j
+    ranked = torch.flip(torch.cummin(torch.flip(ranked, [0]), 0).values, [0]).clamp(max=1.0)
+    q = torch.empty_like(p)
+    q[order] = ranked
+    return q
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """Prompt-level uncertainty for a set of latents (see :func:`paired_uncertainty`)."""
+
+    ci_low: Float[Tensor, " k"]
+    ci_high: Float[Tensor, " k"]
+    p_value: Float[Tensor, " k"]
+    method: str
+
+
+def paired_uncertainty(
+    diff_sums: Float[Tensor, "n_prompts k"],
+    counts: Int[Tensor, " n_prompts"],
+    *,
+    test: str = "permutation",
+    n_bootstrap: int = 1000,
+    n_permutations: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    chunk: int = 4096,
+) -> PairedResult:
+    """Bootstrap CIs and paired p-values for the token-weighted mean difference of each column.
+
+    ``diff_sums[p, j]`` is (fine-tuned − base) summed over prompt ``p``'s selected tokens for latent
+    ``j``; ``counts[p]`` is that prompt's token count. The statistic is ``Σ_p D_pj / Σ_p n_p``,
+    the same Δ mean the ranking uses. Prompts are the resampling unit (tokens of one prompt are not
+    independent).
+
+    - CI: percentile bootstrap over prompts (ratio of resampled sums).
+    - ``test="permutation"``: sign-flip test (under no effect, swapping base and fine-tuned within a
+      prompt flips ``D_p``'s sign); exact over all ``2^P`` flips when that is at most
+      ``n_permutations``, otherwise Monte Carlo with ``p = (1 + hits) / (1 + n_permutations)``.
+    - ``test="t"``: paired t-test on per-prompt mean differences (needs scipy; gives small p-values
+      when there are few prompts and many latents to correct for).
+
+    Example:
+        >>> import torch
+        >>> d = torch.tensor([[1.0], [1.2], [0.9], [1.1], [1.0], [0.8]])
+        >>> r = paired_uncertainty(d, torch.ones(6, dtype=torch.long), n_bootstrap=200)
+        >>> bool(r.ci_low[0] > 0.8 and r.ci_high[0] < 1.2), float(r.p_value[0])
+        (True, 0.03125)
+    """
+    d = torch.as_tensor(diff_sums, dtype=torch.float64)
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    n_p, k = d.shape
+    if n.shape != (n_p,):
+        raise ValueError(f"counts must have one entry per prompt ({n_p}), got {tuple(n.shape)}")
+    keep = n > 0
+    d, n = d[keep], n[keep]
+    n_p = int(d.shape[0])
+    if n_p == 0:
+        raise ValueError("no prompt contributed any token; nothing to test")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    gen = torch.Generator().manual_seed(seed)
+    total = n.sum()
+    obs = d.sum(0) / total
+
+    # Bootstrap weights: how many times each prompt is drawn, per replicate.
+    w = torch.multinomial(
+        torch.full((n_bootstrap, n_p), 1.0 / n_p, dtype=torch.float64),
+        n_p,
+        replacement=True,
+        generator=gen,
+    )
+    weights = torch.zeros(n_bootstrap, n_p, dtype=torch.float64).scatter_add_(
+        1, w, torch.ones_like(w, dtype=torch.float64)
+    )
+    denom = (weights @ n).unsqueeze(1)
+    alpha = (1 - confidence) / 2
+    lo, hi = torch.empty(k, dtype=torch.float64), torch.empty(k, dtype=torch.float64)
+    for j in range(0, k, chunk):
+        reps = weights @ d[:, j : j + chunk] / denom
+        q = torch.quantile(reps, torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0)
+        lo[j : j + chunk], hi[j : j + chunk] = q[0], q[1]
+
+    if test == "permutation":
+        if 2**n_p <= n_permutations:
+            bits = torch.arange(2**n_p).unsqueeze(1) >> torch.arange(n_p)
+            signs = (1 - 2 * (bits & 1)).to(torch.float64)
+            exact = True
+        else:
+            signs = (1 - 2 * torch.randint(0, 2, (n_permutations, n_p), generator=gen)).to(
+                torch.float64
+            )
+            exact = False
+        p = torch.empty(k, dtype=torch.float64)
+        for j in range(0, k, chunk):
+            null = (signs @ d[:, j : j + chunk]).abs() / total
+            thresh = obs[j : j + chunk].abs() * (1 - 1e-9)
+            hits = (null >= thresh).sum(0).double()
+            p[j : j + chunk] = hits / len(signs) if exact else (hits + 1) / (len(signs) + 1)
+        method = f"sign-flip permutation ({'exact' if exact else len(signs)}, {n_p} prompts)"
+    elif test == "t":
+        try:
+            from scipy.special import stdtr
+        except ImportError as e:  # pragma: no cover - scipy ships with sae-lens' dependencies
+            raise ImportError("test='t' needs scipy: pip install scipy") from e
+        if n_p < 2:
+            raise ValueError("a paired t-test needs at least 2 prompts")
+        per = d / n.unsqueeze(1)
+        mean = per.mean(0)
+        sd = per.std(0)
+        t = mean / (sd / math.sqrt(n_p))
+        p_np = 2 * stdtr(n_p - 1, -t.abs().numpy())
+        p = torch.as_tensor(p_np, dtype=torch.float64)
+        p = torch.where(sd > 0, p, torch.where(mean == 0, 1.0, 0.0))
+        method = f"paired t ({n_p} prompts)"
+    else:
+        raise ValueError(f"unknown test {test!r}; choose 'permutation' or 't'")
+    return PairedResult(ci_low=lo, ci_high=hi, p_value=p, method=method)
