@@ -1,0 +1,51 @@
+"""Misalignment evaluation: question sets, answer generation, judges, scores and the causal screen.
+
+Example:
+    >>> from modeldiff.evals import load_questions
+    >>> len(load_questions("headline"))
+    8
+"""
+
+from .http_judge import HTTPJudge
+from .judges import (
+    CATEGORIES,
+    DEFAULT_PROMPTS,
+    Judge,
+    JudgeCache,
+    JudgeError,
+    Judgment,
+    label_score,
+    parse_rubric,
+    rubric_to_aligned,
+    weighted_score,
+)
+from .questions import (
+    BUNDLED_SETS,
+    Question,
+    QuestionFormatError,
+    load_questions,
+    questions_from_csv,
+    questions_from_jsonl,
+    questions_from_yaml,
+)
+
+__all__ = [
+    "BUNDLED_SETS",
+    "CATEGORIES",
+    "DEFAULT_PROMPTS",
+    "HTTPJudge",
+    "Judge",
+    "JudgeCache",
+    "JudgeError",
+    "Judgment",
+    "Question",
+    "QuestionFormatError",
+    "label_score",
+    "load_questions",
+    "parse_rubric",
+    "questions_from_csv",
+    "questions_from_jsonl",
+    "questions_from_yaml",
+    "rubric_to_aligned",
+    "weighted_score",
+]
