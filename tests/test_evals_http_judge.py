@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -68,10 +69,8 @@ class StubServer:
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError):  # the client gave up (timeout test)
                     self.wfile.write(payload)
-                except BrokenPipeError:  # the client gave up (timeout test)
-                    pass
 
             def log_message(self, *args: object) -> None:
                 pass
