@@ -31,7 +31,6 @@ from .sites import Site
 
 __all__ = [
     "SAEError",
-    "check_same_vocab",
     "check_sae",
     "is_batch_coupled",
     "load_sae",
@@ -300,35 +299,6 @@ def check_sae(sae: Any, model: Any, site: Site | None = None, *, convert: bool =
             )
         sae = copy.deepcopy(sae).to(device=m_device, dtype=m_dtype)
     return sae
-
-
-def check_same_vocab(base: Any, finetuned: Any) -> None:
-    """Raise :class:`SAEError` unless both models share vocabulary size and tokenizer vocabulary.
-
-    Example:
-        >>> from modeldiff.testing import tiny_hooked_transformer
-        >>> check_same_vocab(tiny_hooked_transformer(), tiny_hooked_transformer(seed=1))
-    """
-    vb, vf = int(base.cfg.d_vocab), int(finetuned.cfg.d_vocab)
-    if vb != vf:
-        raise SAEError(
-            f"the base model has a vocabulary of {vb} tokens and the fine-tuned one {vf}: they are "
-            "not a base/fine-tune pair, or the fine-tune added tokens. Diff models that share a "
-            "tokenizer (resize embeddings of the base to match if tokens were added)"
-        )
-    tb, tf = getattr(base, "tokenizer", None), getattr(finetuned, "tokenizer", None)
-    if tb is not None and tf is not None and tb is not tf and tb.get_vocab() != tf.get_vocab():
-        raise SAEError(
-            "the base and fine-tuned tokenizers map tokens to different ids, so the same prompt "
-            "would not give the same tokens. Load both models with the same tokenizer "
-            "(load_model(finetuned, like=base))"
-        )
-    d_b, d_f = int(base.cfg.d_model), int(finetuned.cfg.d_model)
-    if d_b != d_f:
-        raise SAEError(
-            f"the base model's d_model is {d_b} and the fine-tuned one's {d_f}: they are not a "
-            "base/fine-tune pair"
-        )
 
 
 def sae_identity(sae: Any) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from torch import Tensor
 __all__ = [
     "LatentStats",
     "PairedResult",
+    "SiteStats",
     "VectorStats",
     "benjamini_hochberg",
     "paired_uncertainty",
@@ -437,6 +438,64 @@ class VectorStats:
         self.count = int(state["count"])
         self.sum = state["sum"].double().clone()
         self.norm_sum = float(state["norm_sum"])
+
+
+class SiteStats:
+    """Everything one model contributes to a latent diff at one site: SAE latent statistics plus the
+    running mean of the raw activations at the site (for the decoder-cosine ranking).
+
+    Example:
+        >>> import torch
+        >>> st = SiteStats(d_sae=3, d_model=2)
+        >>> st.update(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[1.0, -1.0]]),
+        ...           prompt_index=torch.tensor([0]), position=torch.tensor([4]))
+        >>> st.latents.count, st.resid.mean.tolist()
+        (1, [1.0, -1.0])
+    """
+
+    def __init__(self, d_sae: int, d_model: int, *, track_prompts: bool = True) -> None:
+        self.latents = LatentStats(d_sae, track_prompts=track_prompts)
+        self.resid = VectorStats(d_model)
+
+    def update(
+        self,
+        latent_acts: Float[Tensor, "n d_sae"],
+        resid: Float[Tensor, "n d_model"],
+        *,
+        prompt_index: Int[Tensor, " n"],
+        position: Int[Tensor, " n"],
+    ) -> None:
+        """Fold in one batch: the SAE's latents and the site activations they came from."""
+        self.latents.update(latent_acts, prompt_index=prompt_index, position=position)
+        self.resid.update(resid)
+
+    def merge(self, other: SiteStats) -> SiteStats:
+        """Fold ``other`` (e.g. another shard of prompts) into ``self`` and return ``self``."""
+        self.latents.merge(other.latents)
+        self.resid.merge(other.resid)
+        return self
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat named tensors (``latents.*`` and ``resid.*``)."""
+        out = {f"latents.{k}": v for k, v in self.latents.state_dict().items()}
+        out.update({f"resid.{k}": v for k, v in self.resid.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.latents.load_state_dict(
+            {k.removeprefix("latents."): v for k, v in state.items() if k.startswith("latents.")}
+        )
+        self.resid.load_state_dict(
+            {k.removeprefix("resid."): v for k, v in state.items() if k.startswith("resid.")}
+        )
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> SiteStats:
+        """A new instance holding ``state``."""
+        out = cls(int(state["latents.d_sae"]), int(state["resid.d"]))
+        out.load_state_dict(state)
+        return out
 
 
 # -- paired uncertainty over prompts -------------------------------------------------------------

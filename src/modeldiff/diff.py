@@ -1,0 +1,1092 @@
+"""Which SAE latents moved between a base and a fine-tuned model, and which layer moved most.
+
+``diff_latents`` runs both models on the same prompts, reads one site, encodes it with an SAE and
+accumulates streaming statistics; ``LatentDiff`` ranks the latents (``#1`` is the largest rise of the
+mean activation, ``#-1`` the largest fall) and attaches prompt-level uncertainty.
+``diff_residuals`` answers the question before it: at which layer does the fine-tune change the
+residual stream most?
+
+Example:
+    >>> from sae_lens import StandardSAE, StandardSAEConfig
+    >>> from modeldiff.testing import tiny_hooked_transformer
+    >>> base = tiny_hooked_transformer()
+    >>> cfg = StandardSAEConfig(d_in=64, d_sae=128)
+    >>> cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    >>> sae = StandardSAE(cfg)
+    >>> d = diff_latents(base, base, sae, ["Hello world", "The quick fox"], progress=False)
+    >>> float(d.delta.abs().max())
+    0.0
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .capture import capture, plan_batches
+from .saes import SAEError, check_sae, load_sae, sae_fingerprint, sae_identity
+from .sites import Site, as_sites
+from .stats import SiteStats, VectorStats, benjamini_hochberg, paired_uncertainty
+from .tokens import Positions, Prompt, select_positions, tokenize_prompts
+
+__all__ = [
+    "RANKINGS",
+    "LatentDiff",
+    "LatentRecord",
+    "ResidualDiff",
+    "collect_site_stats",
+    "diff_latents",
+    "diff_residuals",
+]
+
+FORMAT_VERSION = 1
+# What a LatentDiff can be ranked by; each is "larger = moved up more in the fine-tune".
+RANKINGS = ("delta", "delta_freq", "effect_size", "relative_change", "cosine")
+_COLUMNS = (
+    "mean_base",
+    "mean_finetuned",
+    "delta",
+    "var_base",
+    "var_finetuned",
+    "freq_base",
+    "freq_finetuned",
+    "delta_freq",
+    "effect_size",
+    "relative_change",
+    "cosine",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "q_value",
+    "max_base",
+    "max_finetuned",
+)
+_INT_COLUMNS = ("max_base_prompt", "max_base_position", "max_ft_prompt", "max_ft_position")
+
+
+# -- one latent ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatentRecord:
+    """All numbers for one latent of a :class:`LatentDiff` (frozen).
+
+    ``rank`` is the paper's ``#k`` (1 = largest value of the ranking metric), ``rank_from_bottom``
+    its ``#-k`` (-1 = smallest, i.e. the largest fall). Means are over the selected tokens of all
+    prompts; ``ci_low``/``ci_high``/``p_value``/``q_value`` are paired over prompts (NaN where not
+    computed). ``max_*_at`` is ``(prompt index, token position)`` of the largest activation
+    (``(-1, -1)`` if the latent never fired). ``as_direction()`` returns the decoder row, ready for
+    ``steer``.
+
+    Example:
+        >>> import torch
+        >>> r = LatentRecord(latent=3, site=Site.resid_post(1), rank=1, rank_from_bottom=-8,
+        ...                  values={"delta": 0.5}, direction=torch.ones(4))
+        >>> r.delta, r.as_direction().shape
+        (0.5, torch.Size([4]))
+    """
+
+    latent: int
+    site: Site
+    rank: int
+    rank_from_bottom: int
+    values: dict[str, float] = field(default_factory=dict)
+    max_base_at: tuple[int, int] = (-1, -1)
+    max_finetuned_at: tuple[int, int] = (-1, -1)
+    direction: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __getattr__(self, name: str) -> float:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"LatentRecord has no field {name!r}; fields: {', '.join(values)}")
+
+    def as_direction(self) -> Float[Tensor, " d_model"]:
+        """The latent's decoder row ``W_dec[latent]`` (a copy)."""
+        if self.direction is None:
+            raise SAEError(
+                f"no decoder row stored for latent {self.latent}: the saved LatentDiff kept rows only "
+                "for its top and bottom latents. Attach the SAE: diff = diff.with_sae(sae)"
+            )
+        return self.direction.clone()
+
+    def as_dict(self) -> dict[str, Any]:
+        """A flat, JSON-ready dict of every number (no decoder row)."""
+        out: dict[str, Any] = {
+            "latent": self.latent,
+            "site": self.site.hook_name,
+            "rank": self.rank,
+            "rank_from_bottom": self.rank_from_bottom,
+        }
+        out.update(self.values)
+        out["max_base_at"] = list(self.max_base_at)
+        out["max_finetuned_at"] = list(self.max_finetuned_at)
+        return out
+
+
+# -- the result ------------------------------------------------------------------------------------
+
+
+class LatentDiff:
+    """Ranked, immutable result of :func:`diff_latents`.
+
+    Build it with :func:`diff_latents`, :meth:`from_stats` or :meth:`load`. Columns are float64
+    tensors of length ``d_sae``; accessors return copies, so nothing a caller does changes it.
+
+    Example:
+        >>> from sae_lens import TopKSAE, TopKSAEConfig
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> base, tuned = tiny_hooked_transformer(), tiny_hooked_transformer(seed=1)
+        >>> sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=96, k=8))
+        >>> d = diff_latents(base, tuned, sae, ["Hello world", "The fox"], site="blocks.0.hook_resid_post",
+        ...                  progress=False)
+        >>> top = d.top(3)
+        >>> [r.rank for r in top], d.rank_of(top[0].latent)
+        ([1, 2, 3], 1)
+        >>> d.at_rank(-1).delta <= d.at_rank(1).delta
+        True
+    """
+
+    def __init__(
+        self,
+        columns: dict[str, Tensor],
+        *,
+        site: Site,
+        rank_by: str = "delta",
+        meta: dict[str, Any] | None = None,
+        directions: Tensor | None = None,
+        direction_index: Tensor | None = None,
+        resid_delta: Tensor | None = None,
+        stats: tuple[SiteStats, SiteStats] | None = None,
+    ) -> None:
+        if rank_by not in RANKINGS:
+            raise ValueError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANKINGS)}")
+        missing = [c for c in (*_COLUMNS, *_INT_COLUMNS) if c not in columns]
+        if missing:
+            raise ValueError(f"LatentDiff is missing columns {missing}")
+        self._cols = {k: v.detach().cpu() for k, v in columns.items()}
+        self._site = site
+        self._rank_by = rank_by
+        self._meta = dict(meta or {})
+        d_sae = int(self._cols["delta"].numel())
+        self._d_sae = d_sae
+        # Decoder rows: either all of W_dec (index None) or some rows with their latent indices.
+        self._directions = directions.detach() if directions is not None else None
+        self._direction_index = (
+            direction_index.long().cpu() if direction_index is not None else None
+        )
+        self._resid_delta = resid_delta.detach().cpu() if resid_delta is not None else None
+        self._stats = stats
+        key = self._cols[rank_by].clone()
+        key = torch.nan_to_num(key, nan=-math.inf)
+        self._order = torch.argsort(-key, stable=True)  # ties: smaller latent index first
+        self._rank = torch.empty(d_sae, dtype=torch.long)
+        self._rank[self._order] = torch.arange(1, d_sae + 1)
+        self._frozen = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError("LatentDiff is immutable; derive a new one (e.g. ranked_by(...))")
+        super().__setattr__(name, value)
+
+    # -- basic facts -----------------------------------------------------------------------------
+    @property
+    def site(self) -> Site:
+        """Where the activations were read."""
+        return self._site
+
+    @property
+    def rank_by(self) -> str:
+        """The metric the ranking sorts by (descending)."""
+        return self._rank_by
+
+    @property
+    def d_sae(self) -> int:
+        """Number of latents."""
+        return self._d_sae
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Run settings and SAE identity (a copy): prompts, tokens, positions, test, seeds..."""
+        return json.loads(json.dumps(self._meta))
+
+    def column(self, name: str) -> Float[Tensor, " d_sae"]:
+        """A copy of one per-latent column, indexed by latent (see ``columns``)."""
+        if name not in self._cols:
+            raise KeyError(f"no column {name!r}; columns: {', '.join(self.columns)}")
+        return self._cols[name].clone()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Names of the per-latent columns."""
+        return tuple(self._cols)
+
+    @property
+    def delta(self) -> Float[Tensor, " d_sae"]:
+        """Mean activation fine-tuned − base, per latent (a copy)."""
+        return self.column("delta")
+
+    @property
+    def mean_base(self) -> Float[Tensor, " d_sae"]:
+        """Mean activation in the base model, per latent."""
+        return self.column("mean_base")
+
+    @property
+    def mean_finetuned(self) -> Float[Tensor, " d_sae"]:
+        """Mean activation in the fine-tuned model, per latent."""
+        return self.column("mean_finetuned")
+
+    @property
+    def p_value(self) -> Float[Tensor, " d_sae"]:
+        """Paired p-value per latent (NaN where not computed)."""
+        return self.column("p_value")
+
+    @property
+    def q_value(self) -> Float[Tensor, " d_sae"]:
+        """Benjamini–Hochberg q-value per latent (NaN where not computed)."""
+        return self.column("q_value")
+
+    @property
+    def order(self) -> Int[Tensor, " d_sae"]:
+        """Latent indices from rank #1 to the last rank."""
+        return self._order.clone()
+
+    @property
+    def resid_delta(self) -> Float[Tensor, " d_model"] | None:
+        """Mean site activation fine-tuned − base (the vector the cosine ranking compares with)."""
+        return None if self._resid_delta is None else self._resid_delta.clone()
+
+    @property
+    def stats(self) -> tuple[SiteStats, SiteStats] | None:
+        """The raw ``(base, fine-tuned)`` statistics, for merging or re-analysis (copies)."""
+        if self._stats is None:
+            return None
+        return tuple(SiteStats.from_state_dict(s.state_dict()) for s in self._stats)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self._d_sae
+
+    # -- ranking ---------------------------------------------------------------------------------
+    def rank_of(self, latent: int) -> int:
+        """The latent's rank ``#k`` (1-based, descending). Its ``#-k`` is ``rank_of - d_sae - 1``."""
+        return int(self._rank[self._check_latent(latent)])
+
+    def latent(self, latent: int) -> LatentRecord:
+        """All numbers for one latent, with its decoder row when available."""
+        i = self._check_latent(latent)
+        rank = int(self._rank[i])
+        c = self._cols
+        return LatentRecord(
+            latent=i,
+            site=self._site,
+            rank=rank,
+            rank_from_bottom=rank - self._d_sae - 1,
+            values={k: float(c[k][i]) for k in _COLUMNS},
+            max_base_at=(int(c["max_base_prompt"][i]), int(c["max_base_position"][i])),
+            max_finetuned_at=(int(c["max_ft_prompt"][i]), int(c["max_ft_position"][i])),
+            direction=self._direction_row(i),
+        )
+
+    def at_rank(self, rank: int) -> LatentRecord:
+        """The latent at rank ``#rank``: ``1`` is the largest rise, ``-1`` the largest fall."""
+        if rank == 0 or not -self._d_sae <= rank <= self._d_sae:
+            raise IndexError(
+                f"rank {rank} is out of range: ranks run 1..{self._d_sae} and -1..-{self._d_sae}"
+            )
+        pos = rank - 1 if rank > 0 else self._d_sae + rank
+        return self.latent(int(self._order[pos]))
+
+    def top(self, k: int = 10) -> list[LatentRecord]:
+        """Records of ranks ``#1 .. #k`` (the largest rises)."""
+        return [self.latent(int(i)) for i in self._order[: max(0, k)]]
+
+    def bottom(self, k: int = 10) -> list[LatentRecord]:
+        """Records of ranks ``#-1 .. #-k`` (the largest falls), largest fall first."""
+        k = min(max(0, k), self._d_sae)
+        return [self.latent(int(i)) for i in self._order.flip(0)[:k]]
+
+    def ranked_by(self, metric: str) -> LatentDiff:
+        """The same result ranked by another metric (one of :data:`RANKINGS`).
+
+        Example:
+            >>> # d.ranked_by("cosine").top(5): decoder rows best aligned with the mean shift
+        """
+        return LatentDiff(
+            self._cols,
+            site=self._site,
+            rank_by=metric,
+            meta=self._meta,
+            directions=self._directions,
+            direction_index=self._direction_index,
+            resid_delta=self._resid_delta,
+            stats=self._stats,
+        )
+
+    def significant(self, q: float = 0.05) -> list[LatentRecord]:
+        """Records with q-value below ``q``, in rank order."""
+        qv = self._cols["q_value"][self._order]
+        return [self.latent(int(i)) for i in self._order[torch.nan_to_num(qv, nan=2.0) < q]]
+
+    def to_records(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """JSON-ready dicts in rank order (all latents, or the first ``limit``)."""
+        idx = self._order if limit is None else self._order[:limit]
+        return [self.latent(int(i)).as_dict() for i in idx]
+
+    # -- directions ------------------------------------------------------------------------------
+    def direction(self, latent: int) -> Float[Tensor, " d_model"]:
+        """The decoder row of ``latent`` (see :meth:`LatentRecord.as_direction`)."""
+        return self.latent(latent).as_direction()
+
+    def with_sae(self, sae: Any) -> LatentDiff:
+        """The same result with every decoder row available, after checking it is the same SAE."""
+        sae = load_sae(sae)
+        ident = self._meta.get("sae", {})
+        fp = sae_fingerprint(sae)
+        if ident.get("d_sae") not in (None, sae.cfg.d_sae) or ident.get("fingerprint") not in (
+            None,
+            fp,
+        ):
+            raise SAEError(
+                f"this SAE (d_sae={sae.cfg.d_sae}, fingerprint {fp}) is not the one the diff was "
+                f"computed with (d_sae={ident.get('d_sae')}, fingerprint {ident.get('fingerprint')})"
+            )
+        return LatentDiff(
+            self._cols,
+            site=self._site,
+            rank_by=self._rank_by,
+            meta=self._meta,
+            directions=sae.W_dec.detach(),
+            direction_index=None,
+            resid_delta=self._resid_delta,
+            stats=self._stats,
+        )
+
+    def _direction_row(self, i: int) -> Tensor | None:
+        if self._directions is None:
+            return None
+        if self._direction_index is None:
+            return self._directions[i].detach().clone()
+        hit = (self._direction_index == i).nonzero()
+        return None if hit.numel() == 0 else self._directions[int(hit[0, 0])].clone()
+
+    def _check_latent(self, latent: int) -> int:
+        if isinstance(latent, Tensor):
+            latent = int(latent.item())
+        if isinstance(latent, bool) or not isinstance(latent, int) or not 0 <= latent < self._d_sae:
+            raise IndexError(
+                f"latent {latent!r} is out of range: this SAE has {self._d_sae} latents "
+                f"(0..{self._d_sae - 1}); for a rank use at_rank()"
+            )
+        return int(latent)
+
+    # -- construction from statistics ------------------------------------------------------------
+    @classmethod
+    def from_stats(
+        cls,
+        base: SiteStats,
+        finetuned: SiteStats,
+        *,
+        site: Site,
+        sae: Any | None = None,
+        rank_by: str = "delta",
+        uncertainty: str | int | None = "all",
+        test: str = "permutation",
+        n_bootstrap: int = 1000,
+        n_permutations: int = 10_000,
+        confidence: float = 0.95,
+        seed: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> LatentDiff:
+        """Rank latents from the two models' statistics (e.g. merged shards).
+
+        Args:
+            base, finetuned: statistics of the same prompts and positions through each model.
+            site: where they were read.
+            sae: the SAE (for decoder rows, the cosine ranking and identity); optional.
+            rank_by: default ranking, one of :data:`RANKINGS`.
+            uncertainty: ``"all"`` (every latent that fired in either model), an integer ``k``
+                (only the top and bottom ``k`` by Δ, faster for huge SAEs) or ``None`` (skip).
+                Latents that never fired get CI ``[0, 0]`` and ``p = 1`` when ``"all"``.
+            test: ``"permutation"`` (sign-flip, default) or ``"t"`` (paired t).
+            n_bootstrap, n_permutations, confidence, seed: see
+                :func:`modeldiff.stats.paired_uncertainty`.
+        """
+        lb, lf = base.latents, finetuned.latents
+        if lb.d_sae != lf.d_sae:
+            raise ValueError(
+                f"base has {lb.d_sae} latents, fine-tuned {lf.d_sae}: not the same SAE"
+            )
+        if lb.count != lf.count or not torch.equal(lb.prompt_count, lf.prompt_count):
+            raise ValueError(
+                f"base and fine-tuned statistics cover different tokens ({lb.count} vs {lf.count} "
+                "tokens, or different tokens per prompt); both models must see the same prompts "
+                "and positions (same tokenizer, same positions= selection)"
+            )
+        if lb.count == 0:
+            raise ValueError("no tokens were selected; check positions= and the prompts")
+        d_sae = lb.d_sae
+        mb, mf = lb.mean, lf.mean
+        delta = lf.sum / lf.count - lb.sum / lb.count
+        vb, vf = lb.var, lf.var
+        sd = ((vb + vf) / 2).sqrt()
+        effect = torch.where(
+            sd > 0, delta / sd.clamp_min(1e-300), torch.sign(delta) * math.inf
+        ).nan_to_num(nan=0.0)
+        effect = torch.where(delta == 0, 0.0, effect)
+        rel = torch.where(mb != 0, delta / mb.abs().clamp_min(1e-300), torch.sign(delta) * math.inf)
+        rel = torch.where(delta == 0, 0.0, rel)
+        resid_delta = finetuned.resid.mean - base.resid.mean
+        cosine = torch.full((d_sae,), math.nan, dtype=torch.float64)
+        if sae is not None:
+            w = sae.W_dec.detach().to("cpu", torch.float64)
+            norm = resid_delta.norm()
+            cosine = (
+                torch.zeros(d_sae, dtype=torch.float64)
+                if norm == 0
+                else (w @ resid_delta) / (w.norm(dim=1).clamp_min(1e-300) * norm)
+            )
+        cols: dict[str, Tensor] = {
+            "mean_base": mb,
+            "mean_finetuned": mf,
+            "delta": delta,
+            "var_base": vb,
+            "var_finetuned": vf,
+            "freq_base": lb.freq,
+            "freq_finetuned": lf.freq,
+            "delta_freq": lf.freq - lb.freq,
+            "effect_size": effect,
+            "relative_change": rel,
+            "cosine": cosine,
+            "max_base": lb.max.clone(),
+            "max_finetuned": lf.max.clone(),
+            "max_base_prompt": lb.max_prompt,
+            "max_base_position": lb.max_position,
+            "max_ft_prompt": lf.max_prompt,
+            "max_ft_position": lf.max_position,
+        }
+        nan = torch.full((d_sae,), math.nan, dtype=torch.float64)
+        ci_lo, ci_hi, p, q = nan.clone(), nan.clone(), nan.clone(), nan.clone()
+        method = None
+        if uncertainty is not None:
+            active = (lb.fire + lf.fire) > 0
+            if uncertainty == "all":
+                tested = active.nonzero().flatten()
+                ci_lo[~active], ci_hi[~active], p[~active] = 0.0, 0.0, 1.0
+            elif isinstance(uncertainty, int) and not isinstance(uncertainty, bool):
+                order = torch.argsort(-delta, stable=True)
+                pick = torch.cat([order[:uncertainty], order.flip(0)[:uncertainty]]).unique()
+                tested = pick[active[pick]]
+                never = pick[~active[pick]]
+                ci_lo[never], ci_hi[never], p[never] = 0.0, 0.0, 1.0
+            else:
+                raise ValueError(
+                    f"uncertainty must be 'all', an integer k, or None; got {uncertainty!r}"
+                )
+            n_p = max(lb.n_prompts, lf.n_prompts)
+            counts = lb.prompt_count
+            chunk = max(1, 2**22 // max(n_p, 1))
+            for j in range(0, len(tested), chunk):
+                idx = tested[j : j + chunk]
+                dsum = lf.prompt_sums(idx, n_prompts=n_p) - lb.prompt_sums(idx, n_prompts=n_p)
+                r = paired_uncertainty(
+                    dsum,
+                    counts,
+                    test=test,
+                    n_bootstrap=n_bootstrap,
+                    n_permutations=n_permutations,
+                    confidence=confidence,
+                    seed=seed,
+                )
+                ci_lo[idx], ci_hi[idx], p[idx] = r.ci_low, r.ci_high, r.p_value
+                method = r.method
+            if method is None:
+                method = "none tested (no latent fired)"
+            # BH over every latent with a p-value (never-fired latents have p = 1).
+            has_p = ~p.isnan()
+            q[has_p] = benjamini_hochberg(p[has_p])
+        cols.update({"ci_low": ci_lo, "ci_high": ci_hi, "p_value": p, "q_value": q})
+        info = dict(meta or {})
+        info.update(
+            {
+                "n_tokens": lb.count,
+                "n_prompts_with_tokens": int((lb.prompt_count > 0).sum()),
+                "uncertainty": uncertainty,
+                "test": method,
+                "n_bootstrap": n_bootstrap,
+                "n_permutations": n_permutations,
+                "confidence": confidence,
+                "seed": seed,
+                "resid_delta_norm": float(resid_delta.norm()),
+                "resid_mean_norm_base": base.resid.mean_norm,
+            }
+        )
+        if sae is not None:
+            info["sae"] = sae_identity(sae)
+        return cls(
+            cols,
+            site=site,
+            rank_by=rank_by,
+            meta=info,
+            directions=sae.W_dec.detach() if sae is not None else None,
+            resid_delta=resid_delta,
+            stats=(base, finetuned),
+        )
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(
+        self, path: str | Path, *, n_directions: int | None = 1000, stats: bool = True
+    ) -> Path:
+        """Write one ``.safetensors`` file (tensors; settings as JSON in its header), atomically.
+
+        Decoder rows are kept for the top and bottom ``n_directions`` latents of the current ranking
+        (``None``: all rows), so their ``as_direction()`` works after :meth:`load` without the SAE.
+        ``stats=True`` also stores both models' raw statistics (for merging or re-analysis).
+
+        Example:
+            >>> # d.save("diff.safetensors"); LatentDiff.load("diff.safetensors")
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {f"col.{k}": v.contiguous() for k, v in self._cols.items()}
+        if self._resid_delta is not None:
+            tensors["resid_delta"] = self._resid_delta.contiguous()
+        if self._directions is not None:
+            if self._direction_index is None:
+                if n_directions is None or 2 * n_directions >= self._d_sae:
+                    index = torch.arange(self._d_sae)
+                else:
+                    index = torch.cat(
+                        [self._order[:n_directions], self._order.flip(0)[:n_directions]]
+                    ).unique()
+                rows = self._directions.cpu()[index]
+            else:
+                index, rows = self._direction_index, self._directions.cpu()
+            tensors["directions.index"] = index.contiguous()
+            tensors["directions.rows"] = rows.contiguous()
+        if stats and self._stats is not None:
+            for name, st in zip(("base", "finetuned"), self._stats):
+                for k, v in st.state_dict().items():
+                    tensors[f"stats.{name}.{k}"] = v.contiguous()
+        header = {
+            "format": "modeldiff.LatentDiff",
+            "version": FORMAT_VERSION,
+            "site": self._site.hook_name,
+            "rank_by": self._rank_by,
+            "meta": self._meta,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"modeldiff": json.dumps(header)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentDiff:
+        """Read a file written by :meth:`save` (exact round trip)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no LatentDiff file at {str(path)!r}")
+        with safe_open(str(path), framework="pt") as f:
+            header_text = (f.metadata() or {}).get("modeldiff")
+            if header_text is None:
+                raise ValueError(
+                    f"{str(path)!r} is a safetensors file but not a saved LatentDiff "
+                    "(write one with LatentDiff.save)"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+        header = json.loads(header_text)
+        if header.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"{str(path)!r} was written by a newer modeldiff (format {header['version']}); upgrade"
+            )
+        cols = {k[4:]: v for k, v in tensors.items() if k.startswith("col.")}
+        stats = None
+        if any(k.startswith("stats.base.") for k in tensors):
+            stats = tuple(
+                SiteStats.from_state_dict(
+                    {
+                        k[len(f"stats.{n}.") :]: v
+                        for k, v in tensors.items()
+                        if k.startswith(f"stats.{n}.")
+                    }
+                )
+                for n in ("base", "finetuned")
+            )
+        return cls(
+            cols,
+            site=Site.parse(header["site"]),
+            rank_by=header["rank_by"],
+            meta=header["meta"],
+            directions=tensors.get("directions.rows"),
+            direction_index=tensors.get("directions.index"),
+            resid_delta=tensors.get("resid_delta"),
+            stats=stats,  # type: ignore[arg-type]
+        )
+
+    # -- display ---------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (
+            f"LatentDiff({self._d_sae} latents at {self._site.hook_name}, ranked by {self._rank_by}, "
+            f"{self._meta.get('n_tokens', '?')} tokens)"
+        )
+
+    def _repr_html_(self, k: int = 10) -> str:
+        head = ("rank", "latent", "Δ", "CI", "q", "base", "fine-tuned", "freq b→f", "cos")
+        rows = []
+        for r in [*self.top(k), *reversed(self.bottom(k))]:
+            v = r.values
+            rows.append(
+                (
+                    f"#{r.rank}" if r.rank <= k else f"#{r.rank_from_bottom}",
+                    str(r.latent),
+                    f"{v['delta']:+.4g}",
+                    f"[{v['ci_low']:.3g}, {v['ci_high']:.3g}]",
+                    f"{v['q_value']:.2g}",
+                    f"{v['mean_base']:.4g}",
+                    f"{v['mean_finetuned']:.4g}",
+                    f"{v['freq_base']:.2f}→{v['freq_finetuned']:.2f}",
+                    f"{v['cosine']:.2f}",
+                )
+            )
+        cells = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+        )
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        return (
+            f"<div><b>{html.escape(repr(self))}</b><table><thead><tr>{th}</tr></thead>"
+            f"<tbody>{cells}</tbody></table></div>"
+        )
+
+    def plot(self, k: int = 10, *, max_points: int = 20_000) -> Any:
+        """A plotly figure: mean base vs fine-tuned per latent (top/bottom ``k`` labelled) and a
+        bar chart of Δ with confidence intervals for those latents.
+
+        Only latents that fired are drawn, at most ``max_points`` of them (the ranked extremes
+        always included), so the figure stays light for million-latent SAEs.
+        """
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        c = self._cols
+        active = ((c["freq_base"] + c["freq_finetuned"]) > 0).nonzero().flatten()
+        if len(active) > max_points:
+            keep = torch.cat(
+                [self._order[: max_points // 2], self._order.flip(0)[: max_points // 2]]
+            )
+            active = keep[((c["freq_base"] + c["freq_finetuned"]) > 0)[keep]].unique()
+        marked = [r.latent for r in self.top(k)] + [r.latent for r in self.bottom(k)]
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            subplot_titles=("mean activation per latent", f"Δ mean, top and bottom {k}"),
+            column_widths=[0.5, 0.5],
+        )
+        fig.add_trace(
+            go.Scattergl(
+                x=c["mean_base"][active].tolist(),
+                y=c["mean_finetuned"][active].tolist(),
+                mode="markers",
+                marker={"size": 4, "color": "lightgray"},
+                text=[f"latent {i} (#{int(self._rank[i])})" for i in active.tolist()],
+                name="latents",
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[float(c["mean_base"][i]) for i in marked],
+                y=[float(c["mean_finetuned"][i]) for i in marked],
+                mode="markers+text",
+                text=[str(i) for i in marked],
+                textposition="top center",
+                marker={"size": 7, "color": ["crimson"] * k + ["royalblue"] * k},
+                name="top / bottom",
+            ),
+            row=1,
+            col=1,
+        )
+        hi = float(max(c["mean_base"].max(), c["mean_finetuned"].max(), 1e-12))
+        fig.add_trace(
+            go.Scatter(
+                x=[0, hi],
+                y=[0, hi],
+                mode="lines",
+                line={"dash": "dot", "color": "gray"},
+                name="y = x",
+            ),
+            row=1,
+            col=1,
+        )
+        d = [float(c["delta"][i]) for i in marked]
+        lo = [float(c["ci_low"][i]) for i in marked]
+        up = [float(c["ci_high"][i]) for i in marked]
+        fig.add_trace(
+            go.Bar(
+                x=[f"#{int(self._rank[i])} ({i})" for i in marked],
+                y=d,
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [0.0 if math.isnan(u) else u - v for u, v in zip(up, d)],
+                    "arrayminus": [0.0 if math.isnan(w) else v - w for w, v in zip(lo, d)],
+                },
+                marker={"color": ["crimson" if v >= 0 else "royalblue" for v in d]},
+                name="Δ mean",
+            ),
+            row=1,
+            col=2,
+        )
+        fig.update_xaxes(title_text="base", row=1, col=1)
+        fig.update_yaxes(title_text="fine-tuned", row=1, col=1)
+        fig.update_yaxes(title_text="Δ mean (fine-tuned − base)", row=1, col=2)
+        fig.update_layout(title=repr(self), showlegend=False)
+        return fig
+
+
+# -- running the models ----------------------------------------------------------------------------
+
+
+def _prepare(
+    base: Any,
+    finetuned: Any | None,
+    sae: Any,
+    site: Site | str | None,
+    convert_sae: bool,
+) -> tuple[Any, Site]:
+    sae = load_sae(sae)
+    site = Site.parse(site) if site is not None else Site.from_sae(sae)
+    if finetuned is not None:
+        _check_pair(base, finetuned)
+    sae = check_sae(sae, base, site, convert=convert_sae)
+    if finetuned is not None:
+        check_sae(sae, finetuned, site, convert=False)
+    return sae, site
+
+
+def _check_pair(base: Any, finetuned: Any) -> None:
+    from .models import check_compatible
+
+    vb, vf = int(base.cfg.d_vocab), int(finetuned.cfg.d_vocab)
+    if vb != vf:
+        raise ValueError(
+            f"the base model has d_vocab={vb} and the fine-tuned one d_vocab={vf}: the same token "
+            "ids would not mean the same. Diff a fine-tune against its own base (with the base's "
+            "tokenizer); if the fine-tune added tokens, resize the base's embeddings to match"
+        )
+    check_compatible(base, finetuned)
+
+
+def collect_site_stats(
+    model: Any,
+    sae: Any,
+    prompts: Sequence[Prompt],
+    *,
+    site: Site | str | None = None,
+    positions: Positions = "prompt",
+    batch_size: int = 8,
+    include_bos: bool = False,
+    prepend_bos: bool | None = None,
+    truncate: bool = False,
+    padding_side: str = "right",
+    prompt_offset: int = 0,
+    tokenizer_model: Any | None = None,
+    convert_sae: bool = False,
+    track_prompts: bool = True,
+    progress: bool = True,
+) -> SiteStats:
+    """Statistics of one model's SAE latents over ``prompts`` (one half of a diff, or one shard).
+
+    Use this when the two models do not fit in memory together, or to split prompts into shards:
+    ``SiteStats.merge`` combines shards (give each shard its ``prompt_offset`` so prompt indices stay
+    distinct), and :meth:`LatentDiff.from_stats` ranks. ``tokenizer_model`` (default ``model``)
+    tokenizes, so pass the base model when collecting the fine-tune's half.
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer()
+        >>> sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=32))
+        >>> st = collect_site_stats(m, sae, ["Hi there"], site="blocks.0.hook_resid_post", progress=False)
+        >>> st.latents.count > 0
+        True
+    """
+    sae, site = _prepare(model, None, sae, site, convert_sae)
+    tok_model = tokenizer_model if tokenizer_model is not None else model
+    tokenized = tokenize_prompts(tok_model, prompts, prepend_bos=prepend_bos, truncate=truncate)
+    d_sae = int(sae.cfg.d_sae)
+    out = SiteStats(d_sae, int(model.cfg.d_model), track_prompts=track_prompts)
+    stream = capture(
+        model,
+        prompts,
+        site,
+        positions=positions,
+        batch_size=batch_size,
+        include_bos=include_bos,
+        padding_side=padding_side,
+        tokenized=tokenized,
+        progress=progress,
+        desc="collect_site_stats",
+    )
+    with torch.inference_mode():
+        for b in stream:
+            x = b.acts[site]
+            out.update(
+                sae.encode(x), x, prompt_index=b.prompt_index + prompt_offset, position=b.position
+            )
+    return out
+
+
+def diff_latents(
+    base: Any,
+    finetuned: Any,
+    sae: Any,
+    prompts: Sequence[Prompt],
+    *,
+    site: Site | str | None = None,
+    positions: Positions = "prompt",
+    batch_size: int = 8,
+    include_bos: bool = False,
+    prepend_bos: bool | None = None,
+    truncate: bool = False,
+    padding_side: str = "right",
+    convert_sae: bool = False,
+    rank_by: str = "delta",
+    uncertainty: str | int | None = "all",
+    test: str = "permutation",
+    n_bootstrap: int = 1000,
+    n_permutations: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    progress: bool = True,
+) -> LatentDiff:
+    """Rank SAE latents by how much their mean activation moved from ``base`` to ``finetuned``.
+
+    Both models run on the same token ids (tokenized once, with the base's tokenizer and chat
+    template), each forward stops right after ``site``, the SAE encodes the selected tokens, and
+    float64 statistics accumulate batch by batch; no activations are kept.
+
+    Args:
+        base, finetuned: TransformerLens models (HookedTransformer or TransformerBridge) of the same
+            architecture and tokenizer.
+        sae: an sae-lens SAE, a saved SAE folder or ``"release/sae_id"`` (see :func:`load_sae`).
+        prompts: strings, chat message lists (chat template applied) or ``(prompt, response)``
+            pairs.
+        site: where to read (default: the SAE's own hook).
+        positions: ``"prompt"`` (default, as the paper), ``"response"``, ``"all"``,
+            ``"last_prompt"`` or explicit per-prompt selections.
+        include_bos: keep BOS tokens (dropped by default: outlier activations).
+        convert_sae: use a copy of the SAE converted to the model's dtype/device instead of failing.
+        rank_by: default ranking (:data:`RANKINGS`); ``LatentDiff.ranked_by`` switches later.
+        uncertainty, test, n_bootstrap, n_permutations, confidence, seed: prompt-level CIs and
+            p-values (see :meth:`LatentDiff.from_stats`).
+        progress: show a progress bar.
+
+    Raises:
+        SAEError: SAE ``d_in`` ≠ ``d_model``, dtype/device mismatch, BatchTopK encoder.
+        SiteError: the site is not in the model.
+        ValueError: the models are not a base/fine-tune pair (vocabulary, architecture, sizes).
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> base, tuned = tiny_hooked_transformer(), tiny_hooked_transformer(seed=3)
+        >>> sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=128))
+        >>> d = diff_latents(base, tuned, sae, ["Hi", "Hello there"], site="blocks.1.hook_resid_post",
+        ...                  positions="all", progress=False)
+        >>> d.top(1)[0].rank, d.at_rank(-1).rank_from_bottom
+        (1, -1)
+    """
+    sae, site = _prepare(base, finetuned, sae, site, convert_sae)
+    tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
+    d_sae, d_model = int(sae.cfg.d_sae), int(base.cfg.d_model)
+    stats_b = SiteStats(d_sae, d_model)
+    stats_f = SiteStats(d_sae, d_model)
+    common = {
+        "positions": positions,
+        "batch_size": batch_size,
+        "include_bos": include_bos,
+        "padding_side": padding_side,
+        "tokenized": tokenized,
+        "progress": False,
+    }
+    n_batches = len(
+        plan_batches(
+            [
+                len(t)
+                for t, s in zip(
+                    tokenized, select_positions(tokenized, positions, include_bos=include_bos)
+                )
+                if s
+            ],
+            batch_size,
+            sort_by_length=True,
+        )
+    )
+    stream_b = capture(base, prompts, site, **common)
+    stream_f = capture(finetuned, prompts, site, **common)
+    with torch.inference_mode():
+        for bb, bf in tqdm(
+            zip(stream_b, stream_f), total=n_batches, desc="diff_latents", disable=not progress
+        ):
+            if not (
+                torch.equal(bb.prompt_index, bf.prompt_index)
+                and torch.equal(bb.position, bf.position)
+            ):
+                raise RuntimeError(
+                    "internal: base and fine-tuned batches selected different tokens"
+                )
+            xb, xf = bb.acts[site], bf.acts[site]
+            stats_b.update(sae.encode(xb), xb, prompt_index=bb.prompt_index, position=bb.position)
+            stats_f.update(sae.encode(xf), xf, prompt_index=bf.prompt_index, position=bf.position)
+    meta = {
+        "positions": positions if isinstance(positions, str) else "explicit",
+        "include_bos": include_bos,
+        "n_prompts": len(tokenized),
+        "base_model": str(getattr(base.cfg, "model_name", "")),
+        "finetuned_model": str(getattr(finetuned.cfg, "model_name", "")),
+    }
+    return LatentDiff.from_stats(
+        stats_b,
+        stats_f,
+        site=site,
+        sae=sae,
+        rank_by=rank_by,
+        uncertainty=uncertainty,
+        test=test,
+        n_bootstrap=n_bootstrap,
+        n_permutations=n_permutations,
+        confidence=confidence,
+        seed=seed,
+        meta=meta,
+    )
+
+
+# -- residual-level diff ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResidualDiff:
+    """Mean residual difference (fine-tuned − base) per site, from :func:`diff_residuals`.
+
+    ``delta[site]`` is the mean difference vector, ``norm[site]`` its L2 norm, ``relative[site]``
+    that norm divided by the base's mean residual norm at the site (comparable across layers).
+
+    Example:
+        >>> import torch
+        >>> r = ResidualDiff(delta={Site.resid_post(0): torch.tensor([3.0, 4.0])},
+        ...                  norm={Site.resid_post(0): 5.0}, relative={Site.resid_post(0): 0.5},
+        ...                  n_tokens=2)
+        >>> r.best_site()
+        Site.resid_post(0)
+    """
+
+    delta: dict[Site, Tensor]
+    norm: dict[Site, float]
+    relative: dict[Site, float]
+    n_tokens: int
+
+    def best_site(self, *, relative: bool = True) -> Site:
+        """The site where the fine-tune moved the residual most (relative norm by default)."""
+        table = self.relative if relative else self.norm
+        return max(table, key=lambda s: table[s])
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per site, in execution order."""
+        return [
+            {
+                "site": s.hook_name,
+                "layer": s.layer,
+                "norm": self.norm[s],
+                "relative": self.relative[s],
+            }
+            for s in sorted(self.delta)
+        ]
+
+    def plot(self) -> Any:
+        """A plotly bar chart of the relative shift per site."""
+        import plotly.graph_objects as go
+
+        recs = self.to_records()
+        fig = go.Figure(go.Bar(x=[r["site"] for r in recs], y=[r["relative"] for r in recs]))
+        fig.update_layout(
+            title="mean residual shift (fine-tuned − base) / mean base residual norm",
+            yaxis_title="relative shift",
+        )
+        return fig
+
+
+def diff_residuals(
+    base: Any,
+    finetuned: Any,
+    prompts: Sequence[Prompt],
+    *,
+    layers: Sequence[int] | None = None,
+    kind: str = "resid_post",
+    positions: Positions = "prompt",
+    batch_size: int = 8,
+    include_bos: bool = False,
+    prepend_bos: bool | None = None,
+    truncate: bool = False,
+    progress: bool = True,
+) -> ResidualDiff:
+    """Mean residual difference vector (fine-tuned − base) and its norm at each layer.
+
+    One pass per model over all requested layers (the forward stops after the deepest one). Use it
+    to choose where to put an SAE: the layer with the largest relative shift.
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer()
+        >>> r = diff_residuals(m, m, ["Hello world"], progress=False)
+        >>> sorted(r.norm.values())
+        [0.0, 0.0]
+    """
+    _check_pair(base, finetuned)
+    layer_list = list(range(int(base.cfg.n_layers))) if layers is None else list(layers)
+    sites = as_sites([Site(int(layer), kind) for layer in layer_list])  # type: ignore[arg-type]
+    tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
+    d_model = int(base.cfg.d_model)
+    acc = {name: {s: VectorStats(d_model) for s in sites} for name in ("base", "finetuned")}
+    for name, model in (("base", base), ("finetuned", finetuned)):
+        for b in capture(
+            model,
+            prompts,
+            sites,
+            positions=positions,
+            batch_size=batch_size,
+            include_bos=include_bos,
+            tokenized=tokenized,
+            progress=progress,
+            desc=f"diff_residuals ({name})",
+        ):
+            for s in sites:
+                acc[name][s].update(b.acts[s])
+    delta, norm, rel = {}, {}, {}
+    for s in sites:
+        d = acc["finetuned"][s].mean - acc["base"][s].mean
+        delta[s] = d
+        norm[s] = float(d.norm())
+        base_norm = acc["base"][s].mean_norm
+        rel[s] = norm[s] / base_norm if base_norm > 0 else 0.0
+    return ResidualDiff(delta=delta, norm=norm, relative=rel, n_tokens=acc["base"][sites[0]].count)
