@@ -1,0 +1,259 @@
+"""Streaming statistics and paired tests, checked against naive computations."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from modeldiff import stats as stats_mod
+from modeldiff.stats import (
+    LatentStats,
+    SiteStats,
+    VectorStats,
+    benjamini_hochberg,
+    paired_uncertainty,
+)
+
+
+def _random_batch(n_tok: int, d: int, n_prompts: int, *, density: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.rand(n_tok, d, generator=g) * (torch.rand(n_tok, d, generator=g) < density)
+    prompt = torch.sort(torch.randint(0, n_prompts, (n_tok,), generator=g)).values
+    # positions unique within a prompt, increasing
+    pos = torch.zeros(n_tok, dtype=torch.long)
+    for p in prompt.unique():
+        m = prompt == p
+        pos[m] = torch.arange(int(m.sum())) + 1
+    return acts, prompt, pos
+
+
+def _naive(acts, prompt, pos, n_prompts):
+    a = acts.double()
+    d = a.shape[1]
+    mx, loc_p, loc_pos = [], [], []
+    for j in range(d):
+        col = a[:, j]
+        m = float(col.max())
+        if m <= 0:
+            mx.append(0.0)
+            loc_p.append(-1)
+            loc_pos.append(-1)
+            continue
+        hits = [(int(prompt[i]), int(pos[i])) for i in range(len(col)) if col[i] == m]
+        p, q = min(hits)
+        mx.append(m)
+        loc_p.append(p)
+        loc_pos.append(q)
+    per = torch.zeros(n_prompts, d, dtype=torch.float64).index_add_(0, prompt, a)
+    return {
+        "count": a.shape[0],
+        "sum": a.sum(0),
+        "sumsq": (a * a).sum(0),
+        "fire": (a > 0).sum(0),
+        "max": torch.tensor(mx, dtype=torch.float64),
+        "max_prompt": torch.tensor(loc_p),
+        "max_position": torch.tensor(loc_pos),
+        "per_prompt": per,
+        "prompt_count": torch.bincount(prompt, minlength=n_prompts),
+    }
+
+
+def _assert_matches(s: LatentStats, ref: dict, n_prompts: int) -> None:
+    assert s.count == ref["count"]
+    torch.testing.assert_close(s.sum, ref["sum"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.sumsq, ref["sumsq"], rtol=1e-12, atol=1e-12)
+    assert torch.equal(s.fire, ref["fire"])
+    assert torch.equal(s.max, ref["max"])
+    assert torch.equal(s.max_prompt, ref["max_prompt"])
+    assert torch.equal(s.max_position, ref["max_position"])
+    torch.testing.assert_close(
+        s.prompt_sums(n_prompts=n_prompts), ref["per_prompt"], rtol=1e-12, atol=1e-12
+    )
+    assert torch.equal(s.prompt_count[:n_prompts], ref["prompt_count"][: s.n_prompts])
+
+
+@pytest.mark.parametrize("density", [0.01, 0.6])  # sparse and dense update paths
+def test_latent_stats_match_naive(density):
+    acts, prompt, pos = _random_batch(300, 40, 7, density=density, seed=1)
+    s = LatentStats(40)
+    for i in range(0, 300, 64):
+        s.update(acts[i : i + 64], prompt_index=prompt[i : i + 64], position=pos[i : i + 64])
+    _assert_matches(s, _naive(acts, prompt, pos, 7), 7)
+    # subset of latents from prompt_sums
+    idx = torch.tensor([3, 0, 39])
+    torch.testing.assert_close(
+        s.prompt_sums(idx, n_prompts=7), _naive(acts, prompt, pos, 7)["per_prompt"][:, idx]
+    )
+
+
+def test_dense_and_sparse_paths_agree(monkeypatch):
+    acts, prompt, pos = _random_batch(200, 30, 5, density=0.03, seed=2)
+    acts[5, 7] = acts[100, 7] = 9.0  # a tie: the earlier (prompt, position) must win in both paths
+    sparse = LatentStats(30)
+    sparse.update(acts, prompt_index=prompt, position=pos)
+    monkeypatch.setattr(stats_mod, "_SPARSE_FRACTION", -1.0)  # force the dense path
+    dense = LatentStats(30)
+    dense.update(acts, prompt_index=prompt, position=pos)
+    for k, v in sparse.state_dict().items():
+        torch.testing.assert_close(v, dense.state_dict()[k], rtol=1e-13, atol=1e-13, msg=k)
+    assert sparse.max_location(7) == (int(prompt[5]), int(pos[5]))
+
+
+def test_unsorted_rows_still_pick_earliest_max():
+    s = LatentStats(1)
+    acts = torch.tensor([[2.0], [2.0], [1.0]])
+    s.update(acts, prompt_index=torch.tensor([3, 1, 0]), position=torch.tensor([0, 5, 0]))
+    assert s.max_location(0) == (1, 5)
+
+
+def test_never_fired_latent_has_no_location():
+    s = LatentStats(2)
+    s.update(torch.tensor([[0.0, 1.0]]), prompt_index=torch.tensor([0]), position=torch.tensor([0]))
+    assert s.max_location(0) == (-1, -1) and s.max_location(1) == (0, 0)
+    assert s.max[0] == 0 and s.fire[0] == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_shards=st.integers(1, 4),
+    batch=st.integers(1, 50),
+    density=st.sampled_from([0.02, 0.5]),
+    seed=st.integers(0, 1000),
+)
+def test_merge_of_shards_equals_one_run(n_shards, batch, density, seed):
+    acts, prompt, pos = _random_batch(120, 16, 6, density=density, seed=seed)
+    one = LatentStats(16)
+    one.update(acts, prompt_index=prompt, position=pos)
+    # shards: interleaved rows (so one prompt's tokens may sit in several shards), small batches
+    shards = []
+    for k in range(n_shards):
+        sh = LatentStats(16)
+        rows = torch.arange(k, 120, n_shards)
+        for i in range(0, len(rows), batch):
+            r = rows[i : i + batch]
+            sh.update(acts[r], prompt_index=prompt[r], position=pos[r])
+        shards.append(sh)
+    merged = shards[0]
+    for sh in shards[1:]:
+        merged.merge(sh)
+    a, b = one.state_dict(), merged.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_state_dict_round_trip_through_safetensors(tmp_path):
+    acts, prompt, pos = _random_batch(80, 12, 4, density=0.3, seed=3)
+    s = SiteStats(12, 5)
+    s.update(acts, torch.randn(80, 5), prompt_index=prompt, position=pos)
+    save_file(s.state_dict(), tmp_path / "s.safetensors")
+    back = SiteStats.from_state_dict(load_file(tmp_path / "s.safetensors"))
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    # and it keeps accumulating identically
+    s.update(acts[:10], torch.ones(10, 5), prompt_index=prompt[:10], position=pos[:10] + 100)
+    back.update(acts[:10], torch.ones(10, 5), prompt_index=prompt[:10], position=pos[:10] + 100)
+    for k, v in s.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_bad_shapes_are_named():
+    s = LatentStats(4)
+    with pytest.raises(ValueError, match=r"shape \[n, 4\]"):
+        s.update(torch.zeros(3, 5), prompt_index=torch.zeros(3), position=torch.zeros(3))
+    with pytest.raises(ValueError, match="one entry per row"):
+        s.update(torch.zeros(3, 4), prompt_index=torch.zeros(2), position=torch.zeros(3))
+    with pytest.raises(ValueError, match="same d_sae"):
+        s.merge(LatentStats(5))
+    with pytest.raises(ValueError, match="track_prompts=True"):
+        LatentStats(4, track_prompts=False).prompt_sums()
+
+
+def test_vector_stats_mean_and_norm():
+    x = torch.randn(50, 6, dtype=torch.float64)
+    v, w = VectorStats(6), VectorStats(6)
+    v.update(x[:20])
+    w.update(x[20:])
+    v.merge(w)
+    torch.testing.assert_close(v.mean, x.mean(0))
+    assert v.mean_norm == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-12)
+
+
+# -- paired maths -----------------------------------------------------------------------------
+
+
+def test_no_difference_gives_p_one_and_zero_ci():
+    r = paired_uncertainty(torch.zeros(9, 3), torch.full((9,), 4), n_bootstrap=100)
+    assert torch.equal(r.p_value, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(r.ci_low, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(r.ci_high, torch.zeros(3, dtype=torch.float64))
+
+
+def test_exact_sign_flip_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(8, 4, generator=g, dtype=torch.float64) + torch.tensor([0.0, 0.3, 1.0, -2.0])
+    n = torch.randint(1, 5, (8,), generator=g)
+    r = paired_uncertainty(d, n, n_bootstrap=50)
+    assert "exact" in r.method
+    obs = d.sum(0).abs()
+    hits = torch.zeros(4)
+    for signs in itertools.product([1.0, -1.0], repeat=8):
+        t = (torch.tensor(signs, dtype=torch.float64) @ d).abs()
+        hits += (t >= obs * (1 - 1e-9)).double()
+    torch.testing.assert_close(r.p_value, hits.double() / 256)
+
+
+def test_monte_carlo_sign_flip_is_calibrated_under_null():
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(30, 400, generator=g, dtype=torch.float64)  # symmetric around 0: null is true
+    r = paired_uncertainty(d, torch.ones(30), n_permutations=999, n_bootstrap=10)
+    assert "999" in r.method
+    frac = float((r.p_value < 0.05).double().mean())
+    assert 0.02 < frac < 0.09  # about 5% false positives
+    assert float(r.p_value.min()) >= 1 / 1000
+
+
+def test_bootstrap_ci_brackets_the_estimate_and_shrinks():
+    g = torch.Generator().manual_seed(2)
+    small = torch.randn(10, 1, generator=g, dtype=torch.float64) + 1
+    big = torch.randn(200, 1, generator=g, dtype=torch.float64) + 1
+    rs = paired_uncertainty(small, torch.ones(10), n_bootstrap=2000)
+    rb = paired_uncertainty(big, torch.ones(200), n_bootstrap=2000, n_permutations=500)
+    for r, d in ((rs, small), (rb, big)):
+        assert r.ci_low[0] < d.mean() < r.ci_high[0]
+    assert (rb.ci_high - rb.ci_low)[0] < (rs.ci_high - rs.ci_low)[0] / 2
+
+
+def test_paired_t_matches_scipy():
+    from scipy import stats as sst
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(12, 5, generator=g, dtype=torch.float64)
+    ft = base + torch.randn(12, 5, generator=g, dtype=torch.float64) * 0.3 + 0.1
+    n = torch.full((12,), 3)
+    r = paired_uncertainty((ft - base) * 3, n, test="t", n_bootstrap=10)
+    want = sst.ttest_rel(ft.numpy(), base.numpy(), axis=0).pvalue
+    torch.testing.assert_close(r.p_value, torch.as_tensor(want), rtol=1e-9, atol=1e-12)
+
+
+def test_benjamini_hochberg_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    g = torch.Generator().manual_seed(4)
+    p = torch.rand(200, generator=g, dtype=torch.float64) ** 3
+    want = multipletests(p.numpy(), method="fdr_bh")[1]
+    torch.testing.assert_close(benjamini_hochberg(p), torch.as_tensor(want), rtol=1e-12, atol=0)
+
+
+def test_paired_uncertainty_rejects_bad_input():
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        paired_uncertainty(torch.zeros(3, 2), torch.ones(4))
+    with pytest.raises(ValueError, match="unknown test"):
+        paired_uncertainty(torch.zeros(3, 2), torch.ones(3), test="z")
+    with pytest.raises(ValueError, match="no prompt contributed"):
+        paired_uncertainty(torch.zeros(3, 2), torch.zeros(3))
