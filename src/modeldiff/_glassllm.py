@@ -57,10 +57,9 @@ def _tokenizer_folder(glass_tok: Any) -> Path:
 
     TransformerLens re-loads a tokenizer from its ``name_or_path``, so it must live on disk.
     """
+    from glassllm.tokenizer import SPACE, SPECIALS
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from glassllm.tokenizer import SPACE, SPECIALS
 
     vocab = {token: i for i, token in enumerate(glass_tok.vocab)}
     if len(vocab) != len(glass_tok.vocab):
@@ -125,7 +124,9 @@ def load_glassllm(
     c = glass.cfg
     d_head = c.d_model // c.n_heads
     d_mlp = glass.blocks[0].ffn.W1.data.shape[1]
-    tokenizer = load_glassllm_tokenizer(lang)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(_tokenizer_folder(glass_tok)))
     cfg = HookedTransformerConfig(
         n_layers=c.n_layers,
         d_model=c.d_model,

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -517,10 +518,9 @@ def _prepare_hf(hf: Any, dtype: torch.dtype, device: torch.device) -> Any:
     if getattr(cfg, "model_type", None) == "gpt2" and getattr(cfg, "n_ctx", None) is None:
         cfg.n_ctx = cfg.n_positions  # transformers 5 dropped n_ctx; TL still reads it
     if hasattr(hf, "set_attn_implementation"):
-        try:
+        # Some exotic models cannot switch; their default attention is still correct.
+        with contextlib.suppress(ValueError, ImportError, AttributeError):
             hf.set_attn_implementation("eager")
-        except (ValueError, ImportError, AttributeError):  # pragma: no cover - exotic models
-            pass
     hf.to(device=device, dtype=dtype)
     hf.eval()
     return hf
