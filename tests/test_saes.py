@@ -109,7 +109,7 @@ def test_bad_sources(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(SAEError, match="is a file"):
         load_sae(tmp_path / "f.txt")
-    with pytest.raises(SAEError, match="cfg.json"):
+    with pytest.raises(SAEError, match=r"cfg\.json"):
         load_sae(tmp_path)
     with pytest.raises(SAEError, match="cannot load an SAE from a int"):
         load_sae(3)
@@ -122,7 +122,9 @@ def test_check_sae_errors(tiny_ht):
         check_sae(_sae("standard"), tiny_ht, Site.resid_post(5))
     with pytest.raises(SAEError, match="to_inference_sae"):
         check_sae(_sae("batchtopk"), tiny_ht, Site.resid_post(1))
-    with pytest.raises(SAEError, match="float64 on cpu but the model is float32.*convert_sae=True"):
+    with pytest.raises(
+        SAEError, match=r"float64 on cpu but the model is float32.*convert_sae=True"
+    ):
         check_sae(load_sae(_sae("standard"), dtype=torch.float64), tiny_ht, Site.resid_post(1))
 
 
