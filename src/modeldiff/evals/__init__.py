@@ -6,6 +6,8 @@ Example:
     8
 """
 
+from .answers import Answer, generate_answers
+from .contrastive import ContrastiveResult, ContrastiveRow, contrastive_score, response_logprobs
 from .http_judge import HTTPJudge
 from .judges import (
     CATEGORIES,
@@ -30,6 +32,12 @@ from .questions import (
 )
 
 __all__ = [
+    "Answer",
+    "ContrastiveResult",
+    "ContrastiveRow",
+    "contrastive_score",
+    "generate_answers",
+    "response_logprobs",
     "BUNDLED_SETS",
     "CATEGORIES",
     "DEFAULT_PROMPTS",
