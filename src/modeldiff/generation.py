@@ -296,4 +296,9 @@ def generate(
         progress=progress,
     )
     tok = model.tokenizer
-    return [tok.decode(row, skip_special_tokens=True) for row in ids]
+    eos = _eos_ids(model) if stop_at_eos else set()
+    # the EOS that ended a row is not part of the text, even when it is not a "special" token
+    return [
+        tok.decode(row[:-1] if row and row[-1] in eos else row, skip_special_tokens=True)
+        for row in ids
+    ]
