@@ -193,4 +193,4 @@ def load_glassllm(
                 )
             own[name].copy_(value)
     model.eval()
-    return model.to(device)
+    return model.to(device, print_details=False)

@@ -40,9 +40,11 @@ from typing import Any, Literal
 import torch
 
 __all__ = [
+    "check_compatible",
     "get_tokenizer",
     "load_model",
     "model_device",
+    "model_architecture",
     "model_dtype",
     "model_kind",
 ]
@@ -141,7 +143,13 @@ def model_device(model: Any) -> torch.device:
 
 
 def model_architecture(model: Any) -> str:
-    """The transformers architecture name (``"LlamaForCausalLM"``, ...) of a hooked model."""
+    """The architecture name of a hooked model (``"LlamaForCausalLM"``, ...; ``"unknown"``).
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> model_architecture(tiny_hooked_transformer())
+        'unknown'
+    """
     cfg = model.cfg
     for attr in ("architecture", "original_architecture"):
         value = getattr(cfg, attr, None)
@@ -411,7 +419,7 @@ def _load_gguf(
     return _wrap_hf(hf, tok, dtype, device, wrapper, processed, name or path.stem)
 
 
-def hub_offline() -> bool:
+def _hub_offline() -> bool:
     """True when the Hugging Face hub must not be contacted (``HF_HUB_OFFLINE`` and friends)."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
@@ -445,7 +453,7 @@ def _load_hub(
     from transformers import AutoModelForCausalLM
 
     cached = _hub_cached(repo_id)
-    if not cached and hub_offline():
+    if not cached and _hub_offline():
         # Checked before any hub call: an offline lookup would otherwise wait ~25 s to fail.
         raise FileNotFoundError(
             f"model {repo_id!r} is not in the local Hugging Face cache and the hub is offline "
@@ -454,7 +462,7 @@ def _load_hub(
             f"load_model('/path/to/{repo_id.split('/')[-1]}'), or download it first while online "
             f"(`huggingface-cli download {repo_id}`)."
         )
-    extra = {"local_files_only": True} if cached and hub_offline() else {}
+    extra = {"local_files_only": True} if cached and _hub_offline() else {}
     tok = _resolve_tokenizer(tokenizer, fallback=repo_id, **extra)
     hf = AutoModelForCausalLM.from_pretrained(repo_id, **_hf_kwargs(dtype), **extra)
     return _wrap_hf(hf, tok, dtype, device, wrapper, processed, name or repo_id)
@@ -546,7 +554,7 @@ def _wrap_hf(
             bridge.enable_compatibility_mode(disable_warnings=True)
         bridge.eval()
         return bridge
-    return _hooked_from_hf(hf, tokenizer, dtype, device, processed)
+    return _hooked_from_hf(hf, tokenizer, dtype, device, processed, name)
 
 
 def _scratch_config_dir(config: Mapping[str, Any]) -> Path:
@@ -565,7 +573,7 @@ def _scratch_config_dir(config: Mapping[str, Any]) -> Path:
 
 
 def _hooked_from_hf(
-    hf: Any, tokenizer: Any, dtype: torch.dtype, device: torch.device, processed: bool
+    hf: Any, tokenizer: Any, dtype: torch.dtype, device: torch.device, processed: bool, name: str
 ) -> Any:
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
@@ -585,7 +593,7 @@ def _hooked_from_hf(
                 "(the default); call it with compatibility_mode=True if you need "
                 "HookedTransformer-style processed weights."
             ) from err
-        cfg.model_name = _hf_name(hf).rstrip("/").split("/")[-1]
+        cfg.model_name = name.rstrip("/").split("/")[-1]
         state = loading.get_pretrained_state_dict(str(folder), cfg, hf, dtype=dtype)
     finally:
         shutil.rmtree(folder.parent, ignore_errors=True)
@@ -598,7 +606,7 @@ def _hooked_from_hf(
         fold_value_biases=processed,
         refactor_factored_attn_matrices=False,
     )
-    model.to(device)
+    model.to(device, print_details=False)
     model.eval()
     return model
 
