@@ -28,3 +28,19 @@ def tiny_ht(tokenizer):
     from modeldiff.testing import tiny_hooked_transformer
 
     return tiny_hooked_transformer(tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct GGUF. Missing file = a broken set-up, so this fails rather than skips."""
+    from modeldiff.testing import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """SmolLM2-135M-Instruct through modeldiff.load_model (TransformerBridge). Treat as read-only."""
+    from modeldiff.models import load_model
+
+    return load_model(smollm2_path)

