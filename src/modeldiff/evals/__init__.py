@@ -21,6 +21,7 @@ from .judges import (
     rubric_to_aligned,
     weighted_score,
 )
+from .local_judge import LocalJudge
 from .questions import (
     BUNDLED_SETS,
     Question,
@@ -30,8 +31,15 @@ from .questions import (
     questions_from_jsonl,
     questions_from_yaml,
 )
+from .scores import EvalResult, QuestionStats, SampleRecord, evaluate, wilson_interval
 
 __all__ = [
+    "EvalResult",
+    "LocalJudge",
+    "QuestionStats",
+    "SampleRecord",
+    "evaluate",
+    "wilson_interval",
     "Answer",
     "ContrastiveResult",
     "ContrastiveRow",
