@@ -22,8 +22,6 @@ from modeldiff.models import (
 from modeldiff.testing import make_tokenizer, save_tiny_hf_model
 
 FAMILIES = ("gpt2", "llama", "qwen2", "gemma2", "mistral")
-# TransformerLens 3.9's HookedTransformer converts Gemma2 only by hub name; we raise instead.
-HOOKED_UNSUPPORTED = {"gemma2"}
 IDS = torch.tensor([[1, 5, 17, 42, 99, 7, 8, 200, 301, 4], [1, 9, 9, 9, 400, 3, 11, 2, 64, 65]])
 
 
@@ -59,15 +57,53 @@ def _logits(model, ids=IDS):
 @pytest.mark.parametrize("wrapper", ["bridge", "hooked"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_folder_logits_match_transformers(folders, hf_models, family, wrapper):
-    if wrapper == "hooked" and family in HOOKED_UNSUPPORTED:
-        with pytest.raises(NotImplementedError, match=r"wrapper='bridge'") as err:
-            load_model(folders[family], wrapper=wrapper)
-        assert "Gemma2ForCausalLM" in str(err.value)
-        return
     model = load_model(folders[family], wrapper=wrapper)
     assert model_kind(model) == wrapper
     torch.testing.assert_close(_logits(model), _hf_logits(hf_models[family]), atol=1e-4, rtol=0)
     assert get_tokenizer(model).get_vocab() == make_tokenizer().get_vocab()
+
+
+@pytest.mark.parametrize("compatibility_mode", [False, True])
+def test_gemma2_hooked_sliding_window_and_query_scale(tmp_path, compatibility_mode):
+    """Gemma2 through our own config: local layers with a short window, query scale != d_head."""
+    tok = make_tokenizer()
+    cfg = transformers.Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=64,
+        max_position_embeddings=128,
+        sliding_window=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    torch.manual_seed(0)
+    transformers.Gemma2ForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    ids = torch.randint(4, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = _hf_logits(hf.eval(), ids)
+    model = load_model(tmp_path, wrapper="hooked", compatibility_mode=compatibility_mode)
+    assert model.cfg.attn_types == ["local", "global", "local"]
+    # Softcapped logits: processing must not centre the unembedding, so logits match exactly.
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-4, rtol=0)
+
+
+def test_hooked_unsupported_family_error(folders, monkeypatch):
+    from transformer_lens import loading_from_pretrained as loading
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("MistralForCausalLM is not currently supported.")
+
+    monkeypatch.setattr(loading, "get_pretrained_model_config", refuse)
+    with pytest.raises(NotImplementedError, match=r"wrapper='bridge'") as err:
+        load_model(folders["mistral"], wrapper="hooked")
+    assert "MistralForCausalLM" in str(err.value)
 
 
 @pytest.mark.parametrize("wrapper", ["bridge", "hooked"])

@@ -572,6 +572,59 @@ def _scratch_config_dir(config: Mapping[str, Any]) -> Path:
     return folder
 
 
+def _gemma2_config(
+    hf_config: Any, *, processed: bool, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """A HookedTransformerConfig for any Gemma2 checkpoint, read from its transformers config.
+
+    TransformerLens 3.9 knows Gemma2 only through hard-coded configs keyed by hub name (2b, 9b,
+    27b); this reads the same fields from the checkpoint itself, so local and resized Gemma2
+    models work too.
+    """
+    from transformer_lens import HookedTransformerConfig
+
+    c = hf_config
+    n_layers = c.num_hidden_layers
+    layer_types = getattr(c, "layer_types", None) or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)
+    ]
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope = getattr(c, "rope_parameters", None) or {}
+    rope_theta = getattr(c, "rope_theta", None) or rope.get("rope_theta", 10000.0)
+    return HookedTransformerConfig(
+        d_model=c.hidden_size,
+        d_head=head_dim,
+        n_heads=c.num_attention_heads,
+        n_key_value_heads=c.num_key_value_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=n_layers,
+        n_ctx=c.max_position_embeddings,
+        eps=c.rms_norm_eps,
+        d_vocab=c.vocab_size,
+        act_fn=getattr(c, "hidden_activation", None) or "gelu_pytorch_tanh",
+        initializer_range=c.initializer_range,
+        normalization_type="RMSPre" if processed else "RMS",
+        rotary_base=float(rope_theta),
+        rotary_dim=head_dim,
+        positional_embedding_type="rotary",
+        use_attn_scale=True,
+        attn_scale=float(c.query_pre_attn_scalar) ** 0.5,
+        window_size=c.sliding_window,
+        use_local_attn=True,
+        attn_types=["local" if t == "sliding_attention" else "global" for t in layer_types],
+        attn_scores_soft_cap=float(c.attn_logit_softcapping or -1.0),
+        output_logits_soft_cap=float(c.final_logit_softcapping or -1.0),
+        gated_mlp=True,
+        final_rms=True,
+        use_normalization_before_and_after=True,
+        original_architecture="Gemma2ForCausalLM",
+        init_weights=False,
+        device=str(device),
+        dtype=dtype,
+        default_prepend_bos=True,
+    )
+
+
 def _hooked_from_hf(
     hf: Any, tokenizer: Any, dtype: torch.dtype, device: torch.device, processed: bool, name: str
 ) -> Any:
@@ -583,9 +636,12 @@ def _hooked_from_hf(
     folder = _scratch_config_dir(config)
     try:
         try:
-            cfg = loading.get_pretrained_model_config(
-                str(folder), hf_cfg=config, fold_ln=processed, device=str(device), dtype=dtype
-            )
+            if arch == "Gemma2ForCausalLM":
+                cfg = _gemma2_config(hf.config, processed=processed, device=device, dtype=dtype)
+            else:
+                cfg = loading.get_pretrained_model_config(
+                    str(folder), hf_cfg=config, fold_ln=processed, device=str(device), dtype=dtype
+                )
         except NotImplementedError as err:
             raise NotImplementedError(
                 f"wrapper='hooked' cannot build {arch} from a local checkpoint with "
@@ -602,7 +658,8 @@ def _hooked_from_hf(
         state,
         fold_ln=processed,
         center_writing_weights=processed,
-        center_unembed=processed,
+        # Centring the unembedding is not invariant under a logit softcap (Gemma2): skip it.
+        center_unembed=processed and cfg.output_logits_soft_cap <= 0,
         fold_value_biases=processed,
         refactor_factored_attn_matrices=False,
     )
