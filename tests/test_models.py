@@ -176,6 +176,11 @@ def test_existing_tl_models_returned_unchanged(tiny_ht, folders):
         load_model(tiny_ht, compatibility_mode=True)
     with pytest.raises(ValueError, match=r"set_tokenizer"):
         load_model(tiny_ht, tokenizer=tiny_ht.tokenizer)
+    assert load_model(tiny_ht, dtype=torch.float32, device="cpu") is tiny_ht
+    with pytest.raises(ValueError, match=r"float64.*model\.to"):
+        load_model(tiny_ht, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'meta'.*model\.to"):
+        load_model(tiny_ht, device="meta")
 
 
 @pytest.mark.parametrize("wrapper", ["bridge", "hooked"])
@@ -415,7 +420,7 @@ def test_get_tokenizer_without_tokenizer(tiny_ht):
     from transformer_lens import HookedTransformer
 
     bare = HookedTransformer(tiny_ht.cfg)
-    with pytest.raises(ValueError, match=r"no tokenizer.*tokenizer="):
+    with pytest.raises(ValueError, match=r"no tokenizer.*set_tokenizer"):
         get_tokenizer(bare)
 
 

@@ -35,9 +35,13 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = [
     "check_compatible",
@@ -50,6 +54,9 @@ __all__ = [
 ]
 
 Wrapper = Literal["bridge", "hooked"]
+# What load_model returns. TransformerBridge is not a HookedRootModule subclass in TL 3.9, but
+# both expose the same hook points, `.cfg` and `.tokenizer`.
+HookedModel = Union["HookedTransformer", "TransformerBridge"]
 ModelKind = Literal["bridge", "hooked"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -99,8 +106,9 @@ def get_tokenizer(model: Any) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(
-            f"this {type(model).__name__} has no tokenizer attached; load it with "
-            "modeldiff.load_model(source, tokenizer=...) or set model.set_tokenizer(tokenizer)."
+            f"this {type(model).__name__} has no tokenizer attached; attach one with "
+            "model.set_tokenizer(tokenizer), or build the model with "
+            "modeldiff.load_model(<folder or transformers model>, tokenizer=...)."
         )
     return tok
 
@@ -167,13 +175,13 @@ def load_model(
     source: Any,
     *,
     tokenizer: Any | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
     wrapper: Wrapper | None = None,
-    like: Any | None = None,
+    like: HookedModel | None = None,
     compatibility_mode: bool | None = None,
     name: str | None = None,
-) -> Any:
+) -> HookedModel:
     """Load ``source`` as a TransformerLens hooked model with its tokenizer at ``.tokenizer``.
 
     Args:
@@ -184,7 +192,8 @@ def load_model(
             ``"HuggingFaceTB/SmolLM2-135M-Instruct"``; or ``"glassllm"`` / ``"glassllm:<lang>"``.
         tokenizer: a transformers tokenizer, or a folder / hub name to load one from. Defaults
             to the tokenizer stored with the source.
-        dtype, device: where the weights live.
+        dtype, device: where the weights live (default ``torch.float32`` on ``"cpu"``). For an
+            existing TransformerLens model they may only restate what it already has.
         wrapper: ``"bridge"`` (``TransformerBridge``, the default for transformers sources) or
             ``"hooked"`` (``HookedTransformer``; glassllm is always ``"hooked"``).
         like: a model this one must be comparable with (e.g. the base of a fine-tune): the
@@ -212,17 +221,17 @@ def load_model(
         raise ValueError(f"wrapper must be 'bridge' or 'hooked', got {wrapper!r}")
     if compatibility_mode not in (None, True, False):
         raise ValueError(f"compatibility_mode must be True or False, got {compatibility_mode!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(
             f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}"
         )
-    device = torch.device(device)
-
+    if _is_tl_model(source):
+        _check_existing(source, dtype=dtype, device=device)
     model = _load(
         source,
         tokenizer=tokenizer,
-        dtype=dtype,
-        device=device,
+        dtype=dtype if dtype is not None else torch.float32,
+        device=torch.device(device if device is not None else "cpu"),
         wrapper=wrapper,
         compatibility_mode=compatibility_mode,
         name=name,
@@ -230,6 +239,31 @@ def load_model(
     if like is not None:
         check_compatible(like, model)
     return model
+
+
+def _is_tl_model(obj: Any) -> bool:
+    try:
+        model_kind(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_existing(model: Any, *, dtype: torch.dtype | None, device: Any) -> None:
+    if dtype is not None and model_dtype(model) != dtype:
+        raise ValueError(
+            f"dtype={dtype} was asked for but this existing {type(model).__name__} is "
+            f"{model_dtype(model)}, and load_model returns existing models unchanged; convert it "
+            f"yourself (model.to({dtype})) or leave dtype unset."
+        )
+    if device is not None:
+        want, have = torch.device(device), model_device(model)
+        if want.type != have.type or (want.index is not None and want.index != have.index):
+            raise ValueError(
+                f"device={str(want)!r} was asked for but this existing {type(model).__name__} is "
+                f"on {str(have)!r}, and load_model returns existing models unchanged; move it "
+                f"yourself (model.to({str(want)!r})) or leave device unset."
+            )
 
 
 def _load(
