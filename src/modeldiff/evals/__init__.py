@@ -32,8 +32,24 @@ from .questions import (
     questions_from_yaml,
 )
 from .scores import EvalResult, QuestionStats, SampleRecord, evaluate, wilson_interval
+from .screen import (
+    ContrastiveScorer,
+    JudgeScorer,
+    Scorer,
+    ScreenResult,
+    ScreenRow,
+    ScreenScore,
+    screen_latents,
+)
 
 __all__ = [
+    "ContrastiveScorer",
+    "JudgeScorer",
+    "ScreenResult",
+    "ScreenRow",
+    "ScreenScore",
+    "Scorer",
+    "screen_latents",
     "EvalResult",
     "LocalJudge",
     "QuestionStats",

@@ -153,9 +153,9 @@ def questions_from_yaml(source: str | Path, *, text: str | None = None) -> list[
     (``source`` is then only used in error messages).
 
     Example:
-        >>> qs = questions_from_yaml("inline", text="- id: a\\n  paraphrases: [Hi?, Hello?]\\n")
+        >>> qs = questions_from_yaml("inline", text="- id: a\\n  paraphrases: [Hi, Hello]\\n")
         >>> qs[0].paraphrases
-        ('Hi?', 'Hello?')
+        ('Hi', 'Hello')
     """
     name = str(source)
     if text is None:
