@@ -27,6 +27,8 @@ IDS = torch.tensor([[1, 5, 17, 42, 99, 7, 8, 200, 301, 4], [1, 9, 9, 9, 400, 3, 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
+    # Folders are named after the family on purpose: TransformerLens takes a name-based shortcut
+    # for paths containing "llama" or "gemma", which wrapper="hooked" must not fall into.
     root = tmp_path_factory.mktemp("tiny")
     return {f: save_tiny_hf_model(f, root / f) for f in FAMILIES}
 
