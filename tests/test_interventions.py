@@ -376,6 +376,30 @@ def test_steered_ht_generate_cached_equals_uncached_equals_reference(model, posi
     assert ref != plain  # the steering does something, so the equality above is not vacuous
 
 
+def test_a_hand_written_cached_loop_is_tracked_too(model):
+    """A user's own decoding loop calling model(..., past_kv_cache=...) one token at a time."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    d = torch.randn(64, generator=torch.Generator().manual_seed(9))
+    prompt = [5, 9, 33, 40, 7]
+    ref = reference_greedy(model, prompt, d, SITE, 6.0, "generated", 6)
+    out = []
+    with steer(model, d, site=SITE, coefficient=6.0, positions="generated"), torch.no_grad():
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, "cpu", 1)
+        logits = model(torch.tensor([prompt]), past_kv_cache=cache)
+        for _ in range(6):
+            out.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[out[-1]]]), past_kv_cache=cache)
+    assert out == ref
+    # a forward that skips block 0 gives the tracker nothing: an error, not stale positions
+    later = steer(model, d, site="blocks.1.hook_resid_pre", coefficient=1.0, positions="prompt")
+    resid = model.embed(torch.tensor([prompt])) + model.pos_embed(torch.tensor([prompt]))
+    with later, torch.no_grad():
+        model(torch.tensor([prompt]))  # leaves positions behind for a 5-token forward
+        with pytest.raises(InterventionError, match="positions='all'"):
+            model(resid, start_at_layer=1)
+
+
 def test_generated_positions_are_steered_at_every_cached_step(model):
     """Count the tokens actually changed per forward: one per decoding step, not only the first."""
     changed = []

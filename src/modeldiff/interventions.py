@@ -144,14 +144,25 @@ class _PositionTracker:
         self.state: ForwardPositions | None = None
         self._seen: Tensor | None = None  # real tokens per row seen so far in this sequence
         self._prev: Tensor | None = None  # last uncached forward's input, to recognise a next step
+        self._prompt: Tensor | None = None  # prompt length per row of the current sequence
         if _is_hooked_transformer(model):
-            self._handle = model.blocks[0].register_forward_pre_hook(self._ht_pre, with_kwargs=True)
+            # A call through the root forgets the last state first, so a forward that skips block 0
+            # (start_at_layer > 0) finds no stale positions and the hook says so instead of guessing.
+            self._handles = [
+                model.register_forward_pre_hook(self._forget),
+                model.blocks[0].register_forward_pre_hook(self._ht_pre, with_kwargs=True),
+            ]
         else:
-            self._handle = model.register_forward_pre_hook(self._root_pre, with_kwargs=True)
+            self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True)]
 
     def remove(self) -> None:
-        self._handle.remove()
-        self.state = self._seen = self._prev = None
+        for handle in self._handles:
+            handle.remove()
+        self.state = self._seen = self._prev = self._prompt = None
+
+    def _forget(self, module: Any, args: tuple) -> None:
+        if _PUBLISHED.get() is None:
+            self.state = None
 
     # -- the two kinds of model ------------------------------------------------------------------
     def _ht_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -202,19 +213,18 @@ class _PositionTracker:
                 self.state = None
                 return
             self._seen = pos.max(dim=1).values + 1
-            prompt = self.state.prompt_lengths if self.state is not None else None
+            prompt = self._prompt
             if prompt is None or prompt.shape[0] != b:
                 self.state = None
                 return
         else:
             pos = chunk.cumsum(-1) - 1
             self._seen = chunk.sum(-1)
-            prompt = (
-                self.state.prompt_lengths
-                if step and self.state is not None and self.state.prompt_lengths.shape[0] == b
-                else chunk.sum(-1)
-            )
+            prompt = self._prompt
+            if not step or prompt is None or prompt.shape[0] != b:
+                prompt = chunk.sum(-1)
         pos = pos.masked_fill(chunk == 0, -1)
+        self._prompt = prompt
         self.state = ForwardPositions(pos, prompt)
         self._prev = None if cached else x.detach().clone()
 
