@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._hooks import run_until
+from .models import model_device
 from .sites import Site, as_sites
 from .tokens import (
     Positions,
@@ -47,13 +48,6 @@ class CaptureBatch:
 
     def __len__(self) -> int:
         return int(self.prompt_index.numel())
-
-
-def model_device(model: Any) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless model)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def plan_batches(

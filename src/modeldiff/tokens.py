@@ -27,6 +27,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from . import models
+
 __all__ = [
     "Positions",
     "Prompt",
@@ -63,14 +65,12 @@ class TokenizedPrompt:
 
 
 def get_tokenizer(model_or_tokenizer: Any) -> Any:
-    """The transformers tokenizer of a model (or the tokenizer itself)."""
-    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
-    if tok is None or not callable(getattr(tok, "encode", None)):
-        raise PromptError(
-            "the model has no tokenizer attached; load it with modeldiff.load_model(...) or set "
-            "model.tokenizer = AutoTokenizer.from_pretrained(<folder>)"
-        )
-    return tok
+    """The transformers tokenizer of a model, or the tokenizer itself when given one."""
+    if callable(getattr(model_or_tokenizer, "encode", None)) and not hasattr(
+        model_or_tokenizer, "cfg"
+    ):
+        return model_or_tokenizer
+    return models.get_tokenizer(model_or_tokenizer)
 
 
 def _is_chat(x: Any) -> bool:
