@@ -97,11 +97,15 @@ def bench(name: str, model, site: str, n_new: int, repeats: int) -> dict[str, fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    parser.add_argument("--tokens", type=int, default=None, help="new tokens per prompt")
+    parser.add_argument("--repeats", type=int, default=None, help="paired repeats per model")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     n_new, repeats = (16, 3) if args.quick else (32, 9)
+    n_new = args.tokens or n_new
+    repeats = args.repeats or repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
 
     from modeldiff.testing import tiny_hooked_transformer

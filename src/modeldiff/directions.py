@@ -18,11 +18,25 @@ __all__ = ["DirectionError", "resolve_direction", "sae_d_in", "sae_d_sae"]
 
 
 class DirectionError(ValueError):
-    """A direction that cannot be used: wrong size, not finite, or an unknown kind of object."""
+    """A direction that cannot be used: wrong size, not finite, or an unknown kind of object.
+
+    Example:
+        >>> try:
+        ...     resolve_direction([float("inf")], d_model=1)
+        ... except DirectionError as err:
+        ...     print(err)
+        the direction contains NaN or inf entries; check how it was computed.
+    """
 
 
 def sae_d_in(sae: Any) -> int:
-    """The width of the activations an sae-lens SAE reads (``cfg.d_in``, else ``W_dec``'s columns)."""
+    """The width of the activations an sae-lens SAE reads (``cfg.d_in``, else ``W_dec``'s columns).
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> sae_d_in(StandardSAE(StandardSAEConfig(d_in=64, d_sae=32)))
+        64
+    """
     cfg = getattr(sae, "cfg", None)
     d_in = getattr(cfg, "d_in", None)
     if d_in is None:
@@ -37,7 +51,13 @@ def sae_d_in(sae: Any) -> int:
 
 
 def sae_d_sae(sae: Any) -> int:
-    """The number of latents of an sae-lens SAE (``cfg.d_sae``, else ``W_dec``'s rows)."""
+    """The number of latents of an sae-lens SAE (``cfg.d_sae``, else ``W_dec``'s rows).
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> sae_d_sae(StandardSAE(StandardSAEConfig(d_in=64, d_sae=32)))
+        32
+    """
     cfg = getattr(sae, "cfg", None)
     d_sae = getattr(cfg, "d_sae", None)
     if d_sae is None:

@@ -29,7 +29,16 @@ __all__ = ["GenerationError", "generate", "generate_ids"]
 
 
 class GenerationError(ValueError):
-    """Generation settings that cannot work; the message names the fix."""
+    """Generation settings that cannot work; the message names the fix.
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> try:
+        ...     generate(tiny_hooked_transformer(), "Hi", progress=False)
+        ... except GenerationError as err:
+        ...     print(err)
+        prompts must be a list of prompts; wrap a single prompt or chat in a list: [prompt]
+    """
 
 
 def _is_hooked_transformer(model: Any) -> bool:

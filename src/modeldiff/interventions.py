@@ -64,7 +64,18 @@ PositionSpec = Union[Literal["all", "prompt", "generated"], Sequence[int], Tenso
 
 
 class InterventionError(ValueError):
-    """An intervention that cannot be built or applied as asked; the message names the fix."""
+    """An intervention that cannot be built or applied as asked; the message names the fix.
+
+    Example:
+        >>> import torch
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer()
+        >>> try:
+        ...     steer(m, torch.ones(64), site="blocks.0.hook_resid_post", coefficient=float("nan"))
+        ... except InterventionError as err:
+        ...     print(err)
+        coefficient must be finite, got nan; pass an ordinary number.
+    """
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,6 +90,12 @@ class ForwardPositions:
     ``positions[b, j]`` is the index of token ``j`` of this forward within row ``b``'s own token ids
     (padding not counted; pad tokens are ``-1``). ``prompt_lengths[b]`` is the number of prompt tokens
     of row ``b``: tokens at positions ``>= prompt_lengths[b]`` were generated.
+
+    Example:
+        >>> import torch
+        >>> fp = ForwardPositions(torch.tensor([[-1, 0, 1, 2]]), torch.tensor([2]))
+        >>> (fp.positions >= fp.prompt_lengths[:, None]).tolist()  # which tokens were generated
+        [[False, False, False, True]]
     """
 
     positions: Int[Tensor, "batch seq"]
@@ -300,6 +317,16 @@ class InterventionHandle:
     """What ``apply`` returns: ``remove()`` undoes exactly that application (idempotent).
 
     Also a context manager, so ``with intervention.apply(model):`` works too.
+
+    Example:
+        >>> import torch
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer()
+        >>> h = steer(m, torch.ones(64), site="blocks.0.hook_resid_post", coefficient=1.0).apply()
+        >>> h.active
+        True
+        >>> h.remove(); h.remove(); h.active
+        False
     """
 
     def __init__(self, undo: Callable[[], None], description: str = "") -> None:
@@ -348,6 +375,14 @@ class Intervention:
 
     Subclasses say which hooks they add (``_hooks_for``); everything else (applying, removing, the
     ``with`` form, composing) lives here, so every intervention behaves the same way.
+
+    Example:
+        >>> import torch
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer()
+        >>> iv = project_out(m, torch.ones(64), site="blocks.1.hook_resid_pre")
+        >>> isinstance(iv, Intervention), isinstance(iv + iv, Intervention)
+        (True, True)
     """
 
     model: Any
@@ -517,7 +552,15 @@ class _CastCache:
 
 @dataclass(frozen=True, eq=False)
 class Steer(Intervention):
-    """Add ``coefficient × direction`` at ``site`` (see :func:`steer`)."""
+    """Add ``coefficient × direction`` at ``site``; build it with :func:`steer`.
+
+    Example:
+        >>> import torch
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> iv = steer(tiny_hooked_transformer(), torch.ones(64), site="resid_post:0", coefficient=2.0)
+        >>> iv
+        Steer(site=Site.resid_post(0), coefficient=2.0, positions='all', scale='absolute', unit=1.0)
+    """
 
     model: Any = field(repr=False)
     direction: Float[Tensor, " d_model"] = field(repr=False)
@@ -620,7 +663,14 @@ def steer(
 
 @dataclass(frozen=True, eq=False)
 class ProjectOut(Intervention):
-    """Remove the component along ``direction`` at ``site`` (see :func:`project_out`)."""
+    """Remove the component along ``direction`` at ``site``; build it with :func:`project_out`.
+
+    Example:
+        >>> import torch
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> project_out(tiny_hooked_transformer(), torch.ones(64), site="resid_pre:1")
+        ProjectOut(site=Site.resid_pre(1), positions='all')
+    """
 
     model: Any = field(repr=False)
     direction: Float[Tensor, " d_model"] = field(repr=False)
@@ -678,7 +728,16 @@ def project_out(
 
 @dataclass(frozen=True, eq=False)
 class Ablate(Intervention):
-    """Set chosen SAE latents to targets, keeping everything else (see :func:`ablate`)."""
+    """Set chosen SAE latents to targets, keeping everything else; build it with :func:`ablate`.
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> cfg = StandardSAEConfig(d_in=64, d_sae=32)
+        >>> cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+        >>> ablate(tiny_hooked_transformer(), StandardSAE(cfg), [1, 2])
+        Ablate(latents=(1, 2), mode='zero', site=Site.resid_post(0), positions='all')
+    """
 
     model: Any = field(repr=False)
     sae: Any = field(repr=False)
@@ -877,7 +936,18 @@ def _calibrated_means(
 
 @dataclass(frozen=True, eq=False)
 class Composed(Intervention):
-    """Several interventions applied together, in order, and removed together in reverse order."""
+    """Several interventions applied together, in order, and removed together in reverse order.
+
+    Build it with :func:`compose` or ``a + b``.
+
+    Example:
+        >>> import torch
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer()
+        >>> a = steer(m, torch.ones(64), site="resid_post:0", coefficient=1.0)
+        >>> len((a + a + a).parts)
+        3
+    """
 
     parts: tuple[Intervention, ...]
 
@@ -955,6 +1025,11 @@ class SweepResult:
     """One record per coefficient: ``{"coefficient": c, <score name>: value, ...}``.
 
     ``plot(metric)`` draws the dose-response curve with plotly.
+
+    Example:
+        >>> res = SweepResult([{"coefficient": 0.0, "score": 1.0}, {"coefficient": 1.0, "score": 3.0}])
+        >>> res.metrics, res.column("score"), len(res.plot().data)
+        (['score'], [1.0, 3.0], 1)
     """
 
     records: list[dict[str, float]]
