@@ -323,7 +323,7 @@ def _build(recipe: OrganismRecipe, out: Path, *, progress: bool) -> Organism:
     latent = int(corr.argmax())
     for name, m in models.items():
         _save_model(m, out / f"{name}.safetensors")
-    sae.save_inference_model(str(out / "sae"))
+    sae.save_model(str(out / "sae"))
     seconds = time.perf_counter() - start
     meta = {
         "recipe": recipe.to_dict(),
