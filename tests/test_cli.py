@@ -129,8 +129,19 @@ def test_diff_bad_prompt_file_is_one_clear_line(pair_and_sae, tmp_path, capsys):
     bad = tmp_path / "p.json"
     bad.write_text("{not json")
     code = main(
-        ["diff", "--base", str(base), "--finetuned", str(tuned), "--sae", str(sae)]
-        + ["--prompts", str(bad), "--out", str(tmp_path / "o")]
+        [
+            "diff",
+            "--base",
+            str(base),
+            "--finetuned",
+            str(tuned),
+            "--sae",
+            str(sae),
+            "--prompts",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ]
     )
     err = capsys.readouterr().err
     assert code == 2 and "not valid JSON" in err and len(err.strip().splitlines()) == 1
@@ -159,8 +170,19 @@ def test_steer_prints_both_continuations_and_matches_library(pair_and_sae, capsy
 def test_steer_latent_out_of_range_is_explained(pair_and_sae, capsys):
     base, _, sae, _ = pair_and_sae
     code = main(
-        ["steer", "--model", str(base), "--sae", str(sae), "--latent", "500"]
-        + ["--coefficient", "1", "--prompt", "hi"]
+        [
+            "steer",
+            "--model",
+            str(base),
+            "--sae",
+            str(sae),
+            "--latent",
+            "500",
+            "--coefficient",
+            "1",
+            "--prompt",
+            "hi",
+        ]
     )
     err = capsys.readouterr().err
     assert code == 2 and "out of range" in err and "0..95" in err
