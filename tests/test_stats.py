@@ -77,7 +77,7 @@ def _assert_matches(s: LatentStats, ref: dict, n_prompts: int) -> None:
     assert torch.equal(s.prompt_count[:n_prompts], ref["prompt_count"][: s.n_prompts])
 
 
-@pytest.mark.parametrize("density", [0.01, 0.6])  # sparse and dense update paths
+@pytest.mark.parametrize("density", [0.01, 0.04, 0.6])  # sparse (2 ways) and dense paths
 def test_latent_stats_match_naive(density):
     acts, prompt, pos = _random_batch(300, 40, 7, density=density, seed=1)
     s = LatentStats(40)

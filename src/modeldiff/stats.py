@@ -160,11 +160,13 @@ class LatentStats:
             order = torch.argsort(key, stable=True)
             acts, key, prompt_index = acts[order], key[order], prompt_index[order]
         uniq, inv = torch.unique_consecutive(prompt_index, return_inverse=True)
-        nnz = int(torch.count_nonzero(acts))
-        if bool((acts < 0).any()) or nnz > _SPARSE_FRACTION * acts.numel():
+        # One pass finds the non-zeros; a dense or signed batch falls back to the dense path.
+        r, c = acts.nonzero(as_tuple=True)  # row-major: sorted by token row
+        v = acts[r, c]
+        if len(v) > _SPARSE_FRACTION * acts.numel() or bool((v < 0).any()):
             parts = self._dense_parts(acts, key, inv, len(uniq))
         else:
-            parts = self._sparse_parts(acts, key, inv, len(uniq))
+            parts = self._sparse_parts(r, c, v.to(torch.float64), key, inv, len(uniq))
         s, sq, fire, mx, mk = (t.cpu() for t in parts[:5])
         pp = parts[5]
         self.count += n
@@ -202,31 +204,34 @@ class LatentStats:
             pp = None
         return s, sq, fire, mx, mk, pp
 
-    def _sparse_parts(self, acts: Tensor, key: Tensor, inv: Tensor, n_rows: int) -> tuple:
-        d = self.d_sae
-        r, c = acts.nonzero(as_tuple=True)  # row-major: sorted by token row
-        v = acts[r, c].to(torch.float64)
-        s = torch.zeros(d, dtype=torch.float64, device=acts.device).index_add_(0, c, v)
-        sq = torch.zeros(d, dtype=torch.float64, device=acts.device).index_add_(0, c, v * v)
+    def _sparse_parts(
+        self, r: Tensor, c: Tensor, v: Tensor, key: Tensor, inv: Tensor, n_rows: int
+    ) -> tuple:
+        d, dev = self.d_sae, v.device
+        s = torch.zeros(d, dtype=torch.float64, device=dev).index_add_(0, c, v)
+        sq = torch.zeros(d, dtype=torch.float64, device=dev).index_add_(0, c, v * v)
         fire = torch.bincount(c, minlength=d)
-        mx = torch.zeros(d, dtype=torch.float64, device=acts.device).scatter_reduce_(
+        mx = torch.zeros(d, dtype=torch.float64, device=dev).scatter_reduce_(
             0, c, v, "amax", include_self=True
         )
         at_max = v == mx[c]
         big = torch.iinfo(torch.int64).max
-        mk = torch.full((d,), big, dtype=torch.int64, device=acts.device).scatter_reduce_(
+        mk = torch.full((d,), big, dtype=torch.int64, device=dev).scatter_reduce_(
             0, c[at_max], key[r][at_max], "amin", include_self=True
         )
         mk = torch.where(mk == big, _NO_LOC, mk)
+        pp = None
         if self.track_prompts:
-            k = inv[r] * d + c
-            uk, ui = torch.unique(k, return_inverse=True)
-            vals = torch.zeros(len(uk), dtype=torch.float64, device=acts.device).index_add_(
-                0, ui, v
-            )
-            pp = ((uk // d).cpu(), (uk % d).cpu(), vals.cpu())
-        else:
-            pp = None
+            rows = inv[r]
+            if n_rows * d <= 4 * len(v):  # few prompts per batch: a small dense table is cheapest
+                table = torch.zeros(n_rows, d, dtype=torch.float64, device=dev)
+                table.index_put_((rows, c), v, accumulate=True)
+                pr, lat = table.nonzero(as_tuple=True)
+                pp = (pr.cpu(), lat.cpu(), table[pr, lat].cpu())
+            else:
+                uk, ui = torch.unique(rows * d + c, return_inverse=True)
+                vals = torch.zeros(len(uk), dtype=torch.float64, device=dev).index_add_(0, ui, v)
+                pp = ((uk // d).cpu(), (uk % d).cpu(), vals.cpu())
         return s, sq, fire, mx, mk, pp
 
     def _fold_max(self, mx: Tensor, mk: Tensor) -> None:
@@ -577,45 +582,59 @@ def paired_uncertainty(
         raise ValueError("no prompt contributed any token; nothing to test")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    gen = torch.Generator().manual_seed(seed)
+    if test not in ("permutation", "t"):
+        raise ValueError(f"unknown test {test!r}; choose 'permutation' or 't'")
     total = n.sum()
     obs = d.sum(0) / total
+    # Random draws come in fixed blocks of rows, each from its own seeded generator, so results do
+    # not depend on how columns are chunked and memory stays O(block · chunk), not O(draws · k).
+    block = 1024
+    cols = max(1, min(chunk, 2**21 // max(n_bootstrap, block)))
 
-    # Bootstrap weights: how many times each prompt is drawn, per replicate.
-    w = torch.multinomial(
-        torch.full((n_bootstrap, n_p), 1.0 / n_p, dtype=torch.float64),
-        n_p,
-        replacement=True,
-        generator=gen,
-    )
-    weights = torch.zeros(n_bootstrap, n_p, dtype=torch.float64).scatter_add_(
-        1, w, torch.ones_like(w, dtype=torch.float64)
-    )
-    denom = (weights @ n).unsqueeze(1)
+    def boot_weights(b: int) -> Tensor:
+        rows = min(block, n_bootstrap - b * block)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        draws = torch.randint(0, n_p, (rows, n_p), generator=g)
+        return torch.zeros(rows, n_p, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones(rows, n_p, dtype=torch.float64)
+        )
+
+    n_boot_blocks = -(-n_bootstrap // block)
     alpha = (1 - confidence) / 2
+    levels = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
     lo, hi = torch.empty(k, dtype=torch.float64), torch.empty(k, dtype=torch.float64)
-    for j in range(0, k, chunk):
-        reps = weights @ d[:, j : j + chunk] / denom
-        q = torch.quantile(reps, torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0)
-        lo[j : j + chunk], hi[j : j + chunk] = q[0], q[1]
+    for j in range(0, k, cols):
+        dj = d[:, j : j + cols]
+        reps = torch.empty(n_bootstrap, dj.shape[1], dtype=torch.float64)
+        for b in range(n_boot_blocks):
+            w = boot_weights(b)
+            reps[b * block : b * block + len(w)] = (w @ dj) / (w @ n).unsqueeze(1)
+        q = torch.quantile(reps, levels, dim=0)
+        lo[j : j + cols], hi[j : j + cols] = q[0], q[1]
 
     if test == "permutation":
-        if 2**n_p <= n_permutations:
-            bits = torch.arange(2**n_p).unsqueeze(1) >> torch.arange(n_p)
-            signs = (1 - 2 * (bits & 1)).to(torch.float64)
-            exact = True
-        else:
-            signs = (1 - 2 * torch.randint(0, 2, (n_permutations, n_p), generator=gen)).to(
-                torch.float64
-            )
-            exact = False
-        p = torch.empty(k, dtype=torch.float64)
-        for j in range(0, k, chunk):
-            null = (signs @ d[:, j : j + chunk]).abs() / total
-            thresh = obs[j : j + chunk].abs() * (1 - 1e-9)
-            hits = (null >= thresh).sum(0).double()
-            p[j : j + chunk] = hits / len(signs) if exact else (hits + 1) / (len(signs) + 1)
-        method = f"sign-flip permutation ({'exact' if exact else len(signs)}, {n_p} prompts)"
+        exact = 2**n_p <= n_permutations
+        n_draws = 2**n_p if exact else n_permutations
+
+        def sign_block(b: int) -> Tensor:
+            start = b * block
+            rows = min(block, n_draws - start)
+            if exact:
+                bits = torch.arange(start, start + rows).unsqueeze(1) >> torch.arange(n_p)
+            else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000 + b)
+                bits = torch.randint(0, 2, (rows, n_p), generator=g)
+            return (1 - 2 * (bits & 1)).to(torch.float64)
+
+        hits = torch.zeros(k, dtype=torch.float64)
+        thresh = obs.abs() * (1 - 1e-9)
+        for b in range(-(-n_draws // block)):
+            signs = sign_block(b)
+            for j in range(0, k, cols):
+                null = (signs @ d[:, j : j + cols]).abs() / total
+                hits[j : j + cols] += (null >= thresh[j : j + cols]).sum(0).double()
+        p = hits / n_draws if exact else (hits + 1) / (n_draws + 1)
+        method = f"sign-flip permutation ({'exact' if exact else n_draws}, {n_p} prompts)"
     elif test == "t":
         try:
             from scipy.special import stdtr
@@ -631,6 +650,4 @@ def paired_uncertainty(
         p = torch.as_tensor(p_np, dtype=torch.float64)
         p = torch.where(sd > 0, p, torch.where(mean == 0, 1.0, 0.0))
         method = f"paired t ({n_p} prompts)"
-    else:
-        raise ValueError(f"unknown test {test!r}; choose 'permutation' or 't'")
     return PairedResult(ci_low=lo, ci_high=hi, p_value=p, method=method)

@@ -1,0 +1,262 @@
+"""diff_latents throughput and memory, measured side by side in one run.
+
+Prints three comparisons (see benchmarks/README.md, section "diff_latents"):
+
+1. throughput of ``diff_latents`` (streaming statistics only, and with the paired uncertainty)
+   against the *floor*: both forwards stopped right after the site plus the SAE encode, nothing else
+   (target: >= 0.90x);
+2. against the *naive sae-lens path*: a full forward of ``HookedSAETransformer`` with
+   ``run_with_cache_with_saes`` on both models, then the mean of the cached latents (target: >= 2x at
+   a mid layer);
+3. peak memory (max RSS of a fresh process) from 10k to 200k tokens (target: growth < 5%).
+
+Run: ``.venv/bin/python benchmarks/bench_diff.py`` (about two minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+N_LAYERS, D_MODEL, N_CTX = 8, 256, 256
+SITE_LAYER = 3  # a middle layer of 8
+D_SAE, K = 4096, 32
+PROMPT_LEN = (96, 128)
+BATCH = 16
+MEMORY_CONFIG = {"n_layers": 2, "d_model": 128, "site_layer": 0, "d_sae": 2048, "k": 16}
+
+
+def build(
+    seed: int = 0,
+    *,
+    n_layers: int = N_LAYERS,
+    d_model: int = D_MODEL,
+    site_layer: int = SITE_LAYER,
+    d_sae: int = D_SAE,
+    k: int = K,
+):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from modeldiff.sites import Site
+    from modeldiff.testing import make_tokenizer, tiny_hooked_transformer
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    base = tiny_hooked_transformer(
+        tokenizer=tok, n_layers=n_layers, d_model=d_model, n_heads=8, n_ctx=N_CTX, seed=seed
+    )
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # a "fine-tune": small changes everywhere
+    site = Site.resid_post(site_layer)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=d_sae, k=k))
+    sae.cfg.metadata.hook_name = site.hook_name
+    return tok, base, tuned, sae, site
+
+
+def make_prompts(n_tokens: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out, total = [], 0
+    while total < n_tokens:
+        n = int(torch.randint(PROMPT_LEN[0], PROMPT_LEN[1] + 1, (1,), generator=g))
+        out.append(torch.randint(4, 470, (n,), generator=g).tolist())
+        total += n
+    return out
+
+
+def floor_pass(models, sae, site, prompts) -> None:
+    """Both forwards stopped after the site, plus the SAE encode: nothing else."""
+    from modeldiff._hooks import run_until
+    from modeldiff.capture import plan_batches
+    from modeldiff.tokens import pad_batch
+
+    batches = plan_batches([len(p) for p in prompts], BATCH, sort_by_length=True)
+    with torch.inference_mode():
+        for idx in batches:
+            toks, mask, _ = pad_batch([prompts[i] for i in idx], pad=3, side="right")
+            keep = mask.bool()
+            for m in models:
+                got = {}
+
+                def grab(x, hook, got=got, keep=keep):
+                    got["x"] = x[keep]
+
+                run_until(
+                    m,
+                    toks,
+                    hooks=[(site.hook_name, grab)],
+                    stop_at=site.hook_name,
+                    attention_mask=mask,
+                )
+                sae.encode(got["x"])
+
+
+def naive_pass(hsts, sae, site, prompts) -> list[torch.Tensor]:
+    """Full forward with run_with_cache_with_saes on both models, then the mean latent activation."""
+    from modeldiff.capture import plan_batches
+    from modeldiff.tokens import pad_batch
+
+    batches = plan_batches([len(p) for p in prompts], BATCH, sort_by_length=True)
+    means = []
+    with torch.inference_mode():
+        for h in hsts:
+            total, count = torch.zeros(D_SAE, dtype=torch.float64), 0
+            for idx in batches:
+                toks, mask, _ = pad_batch([prompts[i] for i in idx], pad=3, side="right")
+                _, cache = h.run_with_cache_with_saes(toks, saes=[sae], attention_mask=mask)
+                acts = cache[f"{site.hook_name}.hook_sae_acts_post"][mask.bool()]
+                total += acts.double().sum(0)
+                count += acts.shape[0]
+            means.append(total / count)
+    return means
+
+
+def throughput(n_tokens: int, repeats: int) -> dict:
+    from sae_lens import HookedSAETransformer
+
+    from modeldiff.diff import diff_latents
+
+    tok, base, tuned, sae, site = build()
+    prompts = make_prompts(n_tokens)
+    n_tok = sum(len(p) for p in prompts)
+    hsts = []
+    for m in (base, tuned):
+        h = HookedSAETransformer(m.cfg, tokenizer=tok, move_to_device=False)
+        h.load_state_dict(m.state_dict())
+        hsts.append(h.eval())
+
+    def ours_stream():
+        return diff_latents(
+            base,
+            tuned,
+            sae,
+            prompts,
+            positions="all",
+            batch_size=BATCH,
+            uncertainty=None,
+            progress=False,
+        )
+
+    def ours_full():
+        return diff_latents(
+            base, tuned, sae, prompts, positions="all", batch_size=BATCH, progress=False
+        )
+
+    runs = {
+        "floor": lambda: floor_pass((base, tuned), sae, site, prompts),
+        "ours_stream": ours_stream,
+        "ours_full": ours_full,
+        "naive": lambda: naive_pass(hsts, sae, site, prompts),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    ours_stream()  # warm-up (allocator, first-call overheads)
+    for _ in range(repeats):  # interleaved, so drift in machine load hits every variant alike
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    # sanity: our means equal the naive path's
+    d = ours_stream()
+    nb, nf = naive_pass(hsts, sae, site, prompts)
+    err = max(float((d.mean_base - nb).abs().max()), float((d.mean_finetuned - nf).abs().max()))
+    return {"tokens": n_tok, "prompts": len(prompts), "seconds": best, "max_abs_err_vs_naive": err}
+
+
+def memory_child(n_tokens: int) -> None:
+    from modeldiff.diff import diff_latents
+
+    # A lighter model than the throughput one: this measures what grows with tokens (the statistics),
+    # and 200k tokens must stream through in about a minute on 2 cores.
+    _, base, tuned, sae, _ = build(**MEMORY_CONFIG)
+    prompts = make_prompts(n_tokens)
+    # touch the code paths once on a few prompts so lazy imports count in the baseline
+    diff_latents(base, tuned, sae, prompts[:4], positions="all", progress=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    d = diff_latents(base, tuned, sae, prompts, positions="all", batch_size=BATCH, progress=False)
+    secs = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    entries = d.stats[0].latents.n_prompt_entries + d.stats[1].latents.n_prompt_entries
+    print(
+        json.dumps(
+            {
+                "tokens": int(d.meta["n_tokens"]),
+                "prompts": len(prompts),
+                "peak_rss_mb": after / 1024,
+                "rss_before_run_mb": before / 1024,
+                "per_prompt_entries": entries,
+                "per_prompt_mb": entries * 16 / 2**20,
+                "seconds": secs,
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--memory-child", type=int, default=None)
+    ap.add_argument("--tokens", type=int, default=3_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--memory-sizes", default="10000,50000,200000")
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.memory_child is not None:
+        memory_child(args.memory_child)
+        return
+
+    print(
+        f"model: HookedTransformer {N_LAYERS} layers, d_model {D_MODEL}; site resid_post({SITE_LAYER}); "
+        f"TopK SAE d_sae {D_SAE}, k {K}; batch {BATCH}; torch threads {torch.get_num_threads()}"
+    )
+    r = throughput(args.tokens, args.repeats)
+    s = r["seconds"]
+    print(
+        f"\n[throughput] {r['tokens']} tokens x 2 models, {r['prompts']} prompts (best of {args.repeats})"
+    )
+    for k in ("floor", "ours_stream", "ours_full", "naive"):
+        print(f"  {k:12s} {s[k]:7.2f} s  {2 * r['tokens'] / s[k]:9.0f} tokens/s")
+    print(f"  ours (stats only) / floor   = {s['floor'] / s['ours_stream']:.3f}x  (target >= 0.90)")
+    print(f"  ours (with CIs+p) / floor   = {s['floor'] / s['ours_full']:.3f}x")
+    print(f"  ours (stats only) vs naive  = {s['naive'] / s['ours_stream']:.2f}x  (target >= 2)")
+    print(f"  ours (with CIs+p) vs naive  = {s['naive'] / s['ours_full']:.2f}x")
+    print(f"  max |mean ours - mean naive| = {r['max_abs_err_vs_naive']:.2e}")
+
+    print(
+        f"\n[memory] fresh process per size, diff_latents with paired uncertainty; {MEMORY_CONFIG}"
+    )
+    rows = []
+    for n in [int(x) for x in args.memory_sizes.split(",")]:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(n)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(
+            f"  {row['tokens']:7d} tokens ({row['prompts']:5d} prompts): peak RSS "
+            f"{row['peak_rss_mb']:7.1f} MB (before run {row['rss_before_run_mb']:7.1f} MB), "
+            f"per-prompt sums {row['per_prompt_mb']:5.1f} MB, {row['seconds']:.1f} s"
+        )
+    growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1
+    print(
+        f"  peak RSS growth {rows[0]['tokens']} -> {rows[-1]['tokens']} tokens: {100 * growth:+.1f}% "
+        "(target < 5%)"
+    )
+
+
+if __name__ == "__main__":
+    main()
