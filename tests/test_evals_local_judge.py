@@ -83,6 +83,21 @@ def test_kv_cache_shortcut_changes_nothing(tiny):
         assert fast[k] == pytest.approx(slow[k], rel=1e-4, abs=1e-12)
 
 
+def test_bridge_and_hooked_wrappers_agree_on_a_rotary_model(tmp_path):
+    """A TransformerBridge recomputes the prompt; a HookedTransformer uses the frozen cache."""
+    from modeldiff.models import load_model
+    from modeldiff.testing import save_tiny_hf_model
+
+    folder = save_tiny_hf_model("llama", tmp_path / "llama")
+    bridge, hooked = load_model(folder), load_model(folder, wrapper="hooked")
+    prompt = "Rate from 0 to 100 how nice this is: hello world."
+    db = LocalJudge(bridge, top_k=10**6, prune=0.0).integer_distribution(prompt)
+    dh = LocalJudge(hooked, top_k=10**6, prune=0.0).integer_distribution(prompt)
+    assert set(db) == set(dh) and len(db) == 103  # 0..100, CODE, REFUSAL
+    for k in db:
+        assert db[k] == pytest.approx(dh[k], rel=1e-4, abs=1e-9)
+
+
 def test_label_probability_is_the_whole_word(tiny):
     judge = LocalJudge(tiny)
     prompt = "Is this code?"

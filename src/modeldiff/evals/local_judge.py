@@ -172,7 +172,8 @@ class LocalJudge:
         if self._token_text is None:
             tok = self.model.tokenizer
             n = int(self.model.cfg.d_vocab)
-            texts = tok.batch_decode([[i] for i in range(n)])
+            known = min(n, len(tok))  # embedding rows past the tokenizer are padding
+            texts = tok.batch_decode([[i] for i in range(known)]) + [""] * (n - known)
             self._token_text = texts
             self._digit_start = torch.tensor([t[:1].isdigit() for t in texts], dtype=torch.bool)
         assert self._digit_start is not None
