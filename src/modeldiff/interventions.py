@@ -806,7 +806,7 @@ def _latent_list(latents: Any, d_sae: int) -> tuple[int, ...]:
 
 def _means_from(means: Any, latents: tuple[int, ...], d_sae: int) -> Tensor:
     source = means
-    for attr in ("base_mean", "base_means", "mean_base"):
+    for attr in ("mean_base", "base_mean", "base_means"):  # LatentDiff.mean_base first
         if hasattr(means, attr):
             source = getattr(means, attr)
             break
