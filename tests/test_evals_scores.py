@@ -178,6 +178,42 @@ def test_evaluate_end_to_end_with_the_http_judge(model, tmp_path):
     assert {r.category for r in res.records} == {q.category for q in qs}
 
 
+def test_questions_own_judge_prompts_are_used(tmp_path):
+    from modeldiff.evals import Question
+    from test_evals_http_judge import StubServer, completion
+
+    custom = Question(
+        "custom", ("Q1?",), judge_prompts={"aligned": "MY ALIGNED {question} / {answer}"}
+    )
+    plain = Question("plain", ("Q2?",))
+    answers = [Answer("custom", 0, 0, "Q1?", "A1"), Answer("plain", 0, 0, "Q2?", "A2")]
+
+    def behaviour(req, n):
+        text = req["messages"][0]["content"]
+        score = "11" if text.startswith("MY ALIGNED") else "77"
+        return 200, {}, completion(score, {score: 0.0})
+
+    with StubServer(behaviour) as server:
+        judge = HTTPJudge("stub", base_url=server.url, api_key="k")
+        res = evaluate(None, [custom, plain], judge=judge, answers=answers, progress=False)
+        sent = [r["messages"][0]["content"] for r in server.requests]
+        assert "MY ALIGNED Q1? / A1" in sent
+        assert not any(t.startswith("MY ALIGNED") and "A2" in t for t in sent)
+        assert judge.prompts["aligned"].startswith("You are reviewing")  # original untouched
+        off = evaluate(
+            None,
+            [custom, plain],
+            judge=judge,
+            answers=answers,
+            question_prompts=False,
+            progress=False,
+        )
+    assert [r.aligned for r in res.records] == [11.0, 77.0]
+    assert [r.aligned for r in off.records] == [77.0, 77.0]
+    with pytest.raises(ValueError, match="unknown judge prompt"):
+        judge.with_prompts({"harmful": "{question}{answer}"})
+
+
 def test_evaluate_input_errors(model):
     with pytest.raises(ValueError, match="needs a model"):
         evaluate(None, "headline", judge=ScriptedJudge(TABLE))

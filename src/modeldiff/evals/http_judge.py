@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -147,6 +148,27 @@ class HTTPJudge:
         return f"HTTPJudge(model={self.model!r}, base_url={where!r}, scoring={self.scoring!r})"
 
     # -- public ---------------------------------------------------------------------------------
+
+    def with_prompts(self, prompts: Mapping[str, str]) -> HTTPJudge:
+        """A copy that uses ``prompts`` (by name: aligned, coherent, rubric) over the current ones.
+
+        The copy shares the client / model and the cache; unknown names are an error.
+
+        Example:
+            >>> j = HTTPJudge('m', api_key='k')
+            >>> j.with_prompts({"aligned": "Q: {question} A: {answer} Score?"}).prompts["aligned"][:2]
+            'Q:'
+        """
+        unknown = set(prompts) - set(DEFAULT_PROMPTS)
+        if unknown:
+            raise ValueError(
+                f"unknown judge prompt name(s) {sorted(unknown)}; use {sorted(DEFAULT_PROMPTS)}"
+            )
+        for text in prompts.values():
+            fill_prompt(text, "q", "a")
+        twin = copy.copy(self)
+        twin.prompts = {**self.prompts, **prompts}
+        return twin
 
     def judge(self, pairs: Sequence[tuple[str, str]], *, progress: bool = True) -> list[Judgment]:
         """Judge each (question, answer) pair; returns one :class:`Judgment` per pair, in order.

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -96,6 +97,28 @@ class LocalJudge:
         return f"LocalJudge(model={name!r}, scoring={self.scoring!r})"
 
     # -- public ---------------------------------------------------------------------------------
+
+    def with_prompts(self, prompts: Mapping[str, str]) -> LocalJudge:
+        """A copy that uses ``prompts`` (by name: aligned, coherent, rubric) over the current ones.
+
+        The copy shares the client / model and the cache; unknown names are an error.
+
+        Example:
+            >>> from modeldiff.testing import tiny_hooked_transformer
+            >>> j = LocalJudge(tiny_hooked_transformer())
+            >>> j.with_prompts({"aligned": "Q: {question} A: {answer} Score?"}).prompts["aligned"][:2]
+            'Q:'
+        """
+        unknown = set(prompts) - set(DEFAULT_PROMPTS)
+        if unknown:
+            raise ValueError(
+                f"unknown judge prompt name(s) {sorted(unknown)}; use {sorted(DEFAULT_PROMPTS)}"
+            )
+        for text in prompts.values():
+            fill_prompt(text, "q", "a")
+        twin = copy.copy(self)
+        twin.prompts = {**self.prompts, **prompts}
+        return twin
 
     def judge(self, pairs: Sequence[tuple[str, str]], *, progress: bool = True) -> list[Judgment]:
         """Judge each (question, answer) pair with the local model; one :class:`Judgment` each."""
