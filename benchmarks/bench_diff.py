@@ -22,18 +22,31 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-N_LAYERS, D_MODEL, N_CTX = 8, 256, 256
-SITE_LAYER = 3  # a middle layer of 8
+# Proportioned like SmolLM2-135M (30 layers, d_model 576, MLP 1536, vocab 49152), scaled down: the
+# unembedding is about a quarter of the full forward's cost, as there. The naive path pays for it
+# (logits), the truncated forward does not, so the vocabulary size matters for the ratio.
+N_LAYERS, D_MODEL, D_MLP, D_VOCAB, N_CTX = 12, 256, 1024, 16384, 256
+SITE_LAYER = 5  # resid_post(5): after 6 of 12 blocks, the middle
 D_SAE, K = 4096, 32
 PROMPT_LEN = (96, 128)
 BATCH = 16
-MEMORY_CONFIG = {"n_layers": 2, "d_model": 128, "site_layer": 0, "d_sae": 2048, "k": 16}
+MEMORY_CONFIG = {
+    "n_layers": 2,
+    "d_model": 128,
+    "d_mlp": 512,
+    "d_vocab": 0,
+    "site_layer": 0,
+    "d_sae": 2048,
+    "k": 16,
+}
+MEMORY_BATCH = 32
 
 
 def build(
@@ -41,20 +54,34 @@ def build(
     *,
     n_layers: int = N_LAYERS,
     d_model: int = D_MODEL,
+    d_mlp: int = D_MLP,
+    d_vocab: int = D_VOCAB,
     site_layer: int = SITE_LAYER,
     d_sae: int = D_SAE,
     k: int = K,
 ):
     from sae_lens import TopKSAE, TopKSAEConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from modeldiff.sites import Site
-    from modeldiff.testing import make_tokenizer, tiny_hooked_transformer
+    from modeldiff.testing import make_tokenizer
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
-    base = tiny_hooked_transformer(
-        tokenizer=tok, n_layers=n_layers, d_model=d_model, n_heads=8, n_ctx=N_CTX, seed=seed
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=8,
+        d_head=d_model // 8,
+        d_mlp=d_mlp,
+        n_ctx=N_CTX,
+        d_vocab=max(d_vocab, len(tok)),  # ids beyond the tokenizer's are simply never used
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+        default_prepend_bos=False,
     )
+    base = HookedTransformer(cfg, tokenizer=tok, move_to_device=False).eval()
     tuned = copy.deepcopy(base)
     with torch.no_grad():
         for p in tuned.parameters():
@@ -122,12 +149,12 @@ def naive_pass(hsts, sae, site, prompts) -> list[torch.Tensor]:
     return means
 
 
-def throughput(n_tokens: int, repeats: int) -> dict:
+def throughput(n_tokens: int, repeats: int, vocab: int) -> dict:
     from sae_lens import HookedSAETransformer
 
     from modeldiff.diff import diff_latents
 
-    tok, base, tuned, sae, site = build()
+    tok, base, tuned, sae, site = build(d_vocab=vocab)
     prompts = make_prompts(n_tokens)
     n_tok = sum(len(p) for p in prompts)
     hsts = []
@@ -174,6 +201,11 @@ def throughput(n_tokens: int, repeats: int) -> dict:
     return {"tokens": n_tok, "prompts": len(prompts), "seconds": best, "max_abs_err_vs_naive": err}
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def memory_child(n_tokens: int) -> None:
     from modeldiff.diff import diff_latents
 
@@ -184,9 +216,24 @@ def memory_child(n_tokens: int) -> None:
     # touch the code paths once on a few prompts so lazy imports count in the baseline
     diff_latents(base, tuned, sae, prompts[:4], positions="all", progress=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_start = _rss_mb()
+    peak = [rss_start]
+    done = threading.Event()
+
+    def sample() -> None:  # the working set of the run itself, sampled every 10 ms
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.01)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     t0 = time.perf_counter()
-    d = diff_latents(base, tuned, sae, prompts, positions="all", batch_size=BATCH, progress=False)
+    d = diff_latents(
+        base, tuned, sae, prompts, positions="all", batch_size=MEMORY_BATCH, progress=False
+    )
     secs = time.perf_counter() - t0
+    done.set()
+    th.join()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     entries = d.stats[0].latents.n_prompt_entries + d.stats[1].latents.n_prompt_entries
     print(
@@ -196,6 +243,7 @@ def memory_child(n_tokens: int) -> None:
                 "prompts": len(prompts),
                 "peak_rss_mb": after / 1024,
                 "rss_before_run_mb": before / 1024,
+                "run_working_set_mb": peak[0] - rss_start,
                 "per_prompt_entries": entries,
                 "per_prompt_mb": entries * 16 / 2**20,
                 "seconds": secs,
@@ -208,8 +256,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory-child", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=3_000)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--memory-sizes", default="10000,50000,200000")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-sizes", default="10000,200000")
+    ap.add_argument("--vocab", type=int, default=D_VOCAB, help="d_vocab of the throughput model")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.memory_child is not None:
@@ -220,7 +269,7 @@ def main() -> None:
         f"model: HookedTransformer {N_LAYERS} layers, d_model {D_MODEL}; site resid_post({SITE_LAYER}); "
         f"TopK SAE d_sae {D_SAE}, k {K}; batch {BATCH}; torch threads {torch.get_num_threads()}"
     )
-    r = throughput(args.tokens, args.repeats)
+    r = throughput(args.tokens, args.repeats, args.vocab)
     s = r["seconds"]
     print(
         f"\n[throughput] {r['tokens']} tokens x 2 models, {r['prompts']} prompts (best of {args.repeats})"

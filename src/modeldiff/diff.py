@@ -143,7 +143,10 @@ class LatentDiff:
     """Ranked, immutable result of :func:`diff_latents`.
 
     Build it with :func:`diff_latents`, :meth:`from_stats` or :meth:`load`. Columns are float64
-    tensors of length ``d_sae``; accessors return copies, so nothing a caller does changes it.
+    tensors of length ``d_sae``; accessors return copies, so nothing a caller does changes it. The
+    one thing shared rather than copied is the SAE's decoder matrix (copying a million-latent
+    decoder would double its memory): edit the SAE in place (e.g. ``fold_W_dec_norm``) and
+    ``as_direction()`` follows.
 
     Example:
         >>> from sae_lens import TopKSAE, TopKSAEConfig
@@ -189,7 +192,12 @@ class LatentDiff:
             direction_index.long().cpu() if direction_index is not None else None
         )
         self._resid_delta = resid_delta.detach().cpu() if resid_delta is not None else None
-        self._stats = stats
+        # Own copies of the statistics: the caller may keep updating the objects it passed in.
+        self._stats = (
+            None
+            if stats is None
+            else tuple(SiteStats.from_state_dict(st.state_dict()) for st in stats)
+        )
         key = self._cols[rank_by].clone()
         key = torch.nan_to_num(key, nan=-math.inf)
         self._order = torch.argsort(-key, stable=True)  # ties: smaller latent index first
@@ -721,7 +729,10 @@ class LatentDiff:
                 mode="markers+text",
                 text=[str(i) for i in marked],
                 textposition="top center",
-                marker={"size": 7, "color": ["crimson"] * k + ["royalblue"] * k},
+                marker={
+                    "size": 7,
+                    "color": ["crimson"] * len(self.top(k)) + ["royalblue"] * len(self.bottom(k)),
+                },
                 name="top / bottom",
             ),
             row=1,
