@@ -1,24 +1,108 @@
 """modeldiff: which internal features did fine-tuning move, and do they cause the behaviour?
 
 The public API, on one screen. See README.md and docs/ for the method and examples.
+
+Example:
+    >>> from modeldiff import Site, diff_latents, steer
+    >>> Site.resid_post(12).hook_name
+    'blocks.12.hook_resid_post'
 """
 
 from __future__ import annotations
 
-from .capture import CaptureBatch, capture, collect
+# isort: skip_file  (grouped by the flow of the method, not alphabetically)
+
+# Loading models and SAEs
+from .models import check_compatible, load_model, model_kind
+from .saes import SAEError, load_sae
+
+# Where in the model, and activations there
 from .sites import Site, SiteError
 from .tokens import PromptError, TokenizedPrompt, tokenize_prompts
+from .capture import CaptureBatch, capture, collect
+
+# Model diffing
+from .stats import SiteStats
+from .diff import LatentDiff, LatentRecord, ResidualDiff, diff_latents, diff_residuals
+
+# Interventions and generation
+from .directions import DirectionError, resolve_direction
+from .interventions import (
+    Ablate,
+    Intervention,
+    InterventionError,
+    InterventionHandle,
+    ProjectOut,
+    Steer,
+    SweepResult,
+    ablate,
+    compose,
+    median_residual_norm,
+    project_out,
+    steer,
+    sweep,
+)
+from .generation import GenerationError, generate, generate_ids
+
+# Misalignment evaluation
+from .evals import (
+    EvalResult,
+    HTTPJudge,
+    LocalJudge,
+    contrastive_score,
+    evaluate,
+    generate_answers,
+    load_questions,
+    screen_latents,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Ablate",
     "CaptureBatch",
+    "DirectionError",
+    "EvalResult",
+    "GenerationError",
+    "HTTPJudge",
+    "Intervention",
+    "InterventionError",
+    "InterventionHandle",
+    "LatentDiff",
+    "LatentRecord",
+    "LocalJudge",
+    "ProjectOut",
     "PromptError",
+    "ResidualDiff",
+    "SAEError",
     "Site",
     "SiteError",
+    "SiteStats",
+    "Steer",
+    "SweepResult",
     "TokenizedPrompt",
     "__version__",
+    "ablate",
     "capture",
+    "check_compatible",
     "collect",
+    "compose",
+    "contrastive_score",
+    "diff_latents",
+    "diff_residuals",
+    "evaluate",
+    "generate",
+    "generate_answers",
+    "generate_ids",
+    "load_model",
+    "load_questions",
+    "load_sae",
+    "median_residual_norm",
+    "model_kind",
+    "project_out",
+    "resolve_direction",
+    "screen_latents",
+    "steer",
+    "sweep",
     "tokenize_prompts",
 ]
