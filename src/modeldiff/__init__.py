@@ -10,8 +10,6 @@ Example:
 
 from __future__ import annotations
 
-# isort: skip_file  (grouped by the flow of the method, not alphabetically)
-
 # Loading models and SAEs
 from .models import check_compatible, load_model, model_kind
 from .saes import SAEError, load_sae
