@@ -96,7 +96,7 @@ class Hooks:
         >>> from modeldiff.testing import tiny_hooked_transformer
         >>> m = tiny_hooked_transformer()
         >>> with Hooks(m) as hooks:
-        ...     hooks.add("blocks.0.hook_resid_post", lambda x, hook: x * 0)
+        ...     _ = hooks.add("blocks.0.hook_resid_post", lambda x, hook: x * 0)
         ...     len(m.hook_dict["blocks.0.hook_resid_post"].fwd_hooks)
         1
         >>> len(m.hook_dict["blocks.0.hook_resid_post"].fwd_hooks)
