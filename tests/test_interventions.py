@@ -605,3 +605,16 @@ def test_sweep_records_scores_and_plots(model):
     assert len(res.plot().data) == 2
     with pytest.raises(InterventionError, match="must return an intervention"):
         sweep(model, lambda c: None, [1.0], score, progress=False)
+
+
+def test_ablate_with_an_sae_in_another_dtype(model, sae):
+    """A float64 SAE on a float32 model: computed in the SAE's dtype, written back in the model's."""
+    import copy
+
+    sae64 = copy.deepcopy(sae).to(torch.float64)
+    plain = site_value(model, TOKS)
+    with ablate(model, sae64, [1, 2]):
+        out = site_value(model, TOKS)
+    assert out.dtype == plain.dtype
+    ref = sae_lens_reference(sae64, plain.double(), [1, 2], 0.0)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
