@@ -302,11 +302,17 @@ def test_position_restricted_steering_sees_string_input_on_hooked_transformer(mo
     """HookedTransformer tokenizes strings inside forward; the tracker watches block 0, so it still knows."""
     text = "Hello world! How are you"
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    iv = steer(model, torch.ones(64), site=SITE, coefficient=1.0, positions=[0, 2])
-    with iv, torch.no_grad():
+    d = torch.randn(64)
+    sel = torch.zeros(ids.shape[1], dtype=torch.bool)
+    sel[[0, 2]] = True
+    h = add_hook(model, SITE, lambda x, hook: x + sel[None, :, None].float() * (5.0 * d))
+    with torch.no_grad():
+        ref = model(ids)
+    h.remove()
+    with steer(model, d, site=SITE, coefficient=5.0, positions=[0, 2]), torch.no_grad():
         from_text = model(text, prepend_bos=False)
         from_ids = model(ids)
-    assert torch.equal(from_text, from_ids)
+    assert torch.allclose(from_text, ref, atol=1e-5) and torch.allclose(from_ids, ref, atol=1e-5)
     assert no_trackers(model)
 
 
@@ -504,6 +510,9 @@ POSITIONS = ("all", "prompt", "generated", (0, 2))
 SITES = ("blocks.0.hook_resid_pre", SITE, "blocks.1.hook_attn_out", "blocks.1.hook_resid_post")
 
 
+DIR = torch.randn(64, generator=torch.Generator().manual_seed(11))
+
+
 class Boom(Exception):
     pass
 
@@ -538,9 +547,9 @@ def test_random_nests_with_exceptions_leave_the_model_pristine(
 
         def build(kind, site, positions):
             if kind == "steer":
-                return steer(model, torch.ones(64), site=site, coefficient=2.0, positions=positions)
+                return steer(model, DIR, site=site, coefficient=2.0, positions=positions)
             if kind == "project":
-                return project_out(model, torch.ones(64), site=site, positions=positions)
+                return project_out(model, DIR, site=site, positions=positions)
             return ablate(model, sae, [1, 2], site=site, positions=positions)
 
         def nest(depth):

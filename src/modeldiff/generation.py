@@ -285,7 +285,8 @@ def generate(
         >>> from modeldiff.testing import tiny_hooked_transformer
         >>> m = tiny_hooked_transformer()
         >>> plain = generate(m, ["The capital of France"], max_new_tokens=5, progress=False)
-        >>> with interventions.steer(m, torch.randn(64), site="blocks.0.hook_resid_post",
+        >>> d = torch.randn(64, generator=torch.Generator().manual_seed(0))
+        >>> with interventions.steer(m, d, site="blocks.0.hook_resid_post",
         ...                          coefficient=50.0, positions="generated"):
         ...     steered = generate(m, ["The capital of France"], max_new_tokens=5, progress=False)
         >>> plain != steered

@@ -622,7 +622,8 @@ def steer(
         >>> m = tiny_hooked_transformer()
         >>> toks = torch.tensor([[5, 6, 7]])
         >>> plain = m(toks)
-        >>> with steer(m, torch.ones(64), site="blocks.0.hook_resid_post", coefficient=4.0):
+        >>> d = torch.randn(64, generator=torch.Generator().manual_seed(0))
+        >>> with steer(m, d, site="blocks.0.hook_resid_post", coefficient=4.0):
         ...     steered = m(toks)
         >>> bool((steered - plain).abs().max() > 0), torch.equal(m(toks), plain)
         (True, True)
@@ -1084,7 +1085,7 @@ def sweep(
         >>> toks = torch.tensor([[5, 6, 7]])
         >>> res = sweep(
         ...     m,
-        ...     lambda c: steer(m, torch.ones(64), site="blocks.1.hook_resid_pre", coefficient=c),
+        ...     lambda c: steer(m, torch.randn(64), site="blocks.1.hook_resid_pre", coefficient=c),
         ...     [0.0, 1.0, 2.0],
         ...     lambda model: model(toks)[0, -1, 0].item(),
         ...     progress=False,
