@@ -19,10 +19,8 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
-import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -201,12 +199,16 @@ def throughput(n_tokens: int, repeats: int, vocab: int) -> dict:
     return {"tokens": n_tok, "prompts": len(prompts), "seconds": best, "max_abs_err_vs_naive": err}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_child(n_tokens: int) -> None:
+    """Peak memory of one diff_latents run in a fresh process (VmHWM: exact, per process image)."""
     from modeldiff.diff import diff_latents
 
     # A lighter model than the throughput one: this measures what grows with tokens (the statistics),
@@ -215,35 +217,24 @@ def memory_child(n_tokens: int) -> None:
     prompts = make_prompts(n_tokens)
     # touch the code paths once on a few prompts so lazy imports count in the baseline
     diff_latents(base, tuned, sae, prompts[:4], positions="all", progress=False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_start = _rss_mb()
-    peak = [rss_start]
-    done = threading.Event()
-
-    def sample() -> None:  # the working set of the run itself, sampled every 10 ms
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.01)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS high-water mark, so VmHWM below is this run's peak
+    rss_before = _status_mb("VmRSS")
     t0 = time.perf_counter()
     d = diff_latents(
         base, tuned, sae, prompts, positions="all", batch_size=MEMORY_BATCH, progress=False
     )
     secs = time.perf_counter() - t0
-    done.set()
-    th.join()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_mb("VmHWM")
     entries = d.stats[0].latents.n_prompt_entries + d.stats[1].latents.n_prompt_entries
     print(
         json.dumps(
             {
                 "tokens": int(d.meta["n_tokens"]),
                 "prompts": len(prompts),
-                "peak_rss_mb": after / 1024,
-                "rss_before_run_mb": before / 1024,
-                "run_working_set_mb": peak[0] - rss_start,
+                "peak_rss_mb": peak,
+                "rss_before_run_mb": rss_before,
+                "run_working_set_mb": peak - rss_before,
                 "per_prompt_entries": entries,
                 "per_prompt_mb": entries * 16 / 2**20,
                 "seconds": secs,
@@ -266,7 +257,8 @@ def main() -> None:
         return
 
     print(
-        f"model: HookedTransformer {N_LAYERS} layers, d_model {D_MODEL}; site resid_post({SITE_LAYER}); "
+        f"model: HookedTransformer {N_LAYERS} layers, d_model {D_MODEL}, d_mlp {D_MLP}, "
+        f"d_vocab {args.vocab}; site resid_post({SITE_LAYER}); "
         f"TopK SAE d_sae {D_SAE}, k {K}; batch {BATCH}; torch threads {torch.get_num_threads()}"
     )
     r = throughput(args.tokens, args.repeats, args.vocab)
