@@ -420,12 +420,3 @@ def test_smollm2_with_a_small_sae():
     assert d.rank_of(42) == 1
     assert torch.equal(d.mean_base, same.mean_base)
     assert d.at_rank(1).ci_low > 0 and d.at_rank(1).cosine == pytest.approx(1.0, abs=1e-4)
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import modeldiff.diff as mod
-
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -150,12 +150,3 @@ def test_identity_is_json_and_tells_saes_apart():
     assert ia["hook_name"] == HOOK and ia["d_sae"] == 96 and ia["class"] == "StandardSAE"
     assert ia["fingerprint"] != sae_identity(b)["fingerprint"]
     assert isinstance(load_sae(a), SAE)
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import modeldiff.saes as mod
-
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

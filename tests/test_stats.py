@@ -257,12 +257,3 @@ def test_paired_uncertainty_rejects_bad_input():
         paired_uncertainty(torch.zeros(3, 2), torch.ones(3), test="z")
     with pytest.raises(ValueError, match="no prompt contributed"):
         paired_uncertainty(torch.zeros(3, 2), torch.zeros(3))
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import modeldiff.stats as mod
-
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
