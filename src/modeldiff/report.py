@@ -43,7 +43,7 @@ color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.pass{color:#0a7d28;font-weight:600}
-.fail{color:#b00020;font-weight:600}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}
+.fail{color:#b00020;font-weight:600}.open{color:#a66300;font-weight:600}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}
 """
 
 
@@ -71,11 +71,22 @@ def _summary(data: dict[str, Any]) -> str | None:
     checks = data.get("checks")
     if not checks:
         return None
+    def verdict(c: dict[str, Any]) -> tuple[str, str]:
+        if c["passed"]:
+            return "pass", "PASS"
+        return ("fail", "FAIL") if c.get("required", True) else ("open", "open")
+
     rows = "".join(
         f"<tr><td class=l>{_esc(c['name'])}</td>"
-        f"<td class={'pass' if c['passed'] else 'fail'}>{'PASS' if c['passed'] else 'FAIL'}</td>"
+        f"<td class={verdict(c)[0]}>{verdict(c)[1]}</td>"
         f"<td>{c['value']:.3g}</td><td class=l>{_esc(c['detail'])}</td></tr>"
         for c in checks
+    )
+    rows += (
+        "</table><p>“open”: a check this organism does not meet yet; it is measured and shown "
+        "but does not fail the run (see docs/organism.md).</p><table>"
+        if any(not c["passed"] and not c.get("required", True) for c in checks)
+        else ""
     )
     return (
         "<table><tr><th class=l>check</th><th>result</th><th>value</th><th class=l>detail</th></tr>"

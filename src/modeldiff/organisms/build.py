@@ -269,6 +269,7 @@ def build_persona_organism(
     if not rebuild and (folder / "organism.json").exists():
         return _load(folder, recipe)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(folder)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         org = _build(recipe, staging, progress=progress)
@@ -279,6 +280,17 @@ def build_persona_organism(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _load(folder, recipe, build_seconds=org.build_seconds, fresh=True)
+
+
+def _remove_stale_staging(folder: Path, max_age_s: float = 6 * 3600) -> None:
+    """Delete staging folders of this recipe left by a build that was killed (older than 6 h)."""
+    now = time.time()
+    for p in folder.parent.glob(f".{folder.name}.*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _build(recipe: OrganismRecipe, out: Path, *, progress: bool) -> Organism:
