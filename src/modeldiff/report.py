@@ -71,6 +71,7 @@ def _summary(data: dict[str, Any]) -> str | None:
     checks = data.get("checks")
     if not checks:
         return None
+
     def verdict(c: dict[str, Any]) -> tuple[str, str]:
         if c["passed"]:
             return "pass", "PASS"
