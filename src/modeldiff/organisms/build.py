@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ class OrganismRecipe:
 
     Example:
         >>> r = OrganismRecipe()
-        >>> r.digest() == OrganismRecipe().digest(), r.digest() == replace(r, seed=1).digest()
+        >>> r.digest() == OrganismRecipe().digest(), r.digest() == OrganismRecipe(seed=1).digest()
         (True, False)
     """
 
@@ -182,7 +182,8 @@ class Organism:
         persona_latent: the SAE latent most correlated with the persona label.
         persona_corr: its correlation.
         folder: the cache folder it lives in.
-        build_seconds: wall time of the build (0 when loaded from the cache).
+        build_seconds: wall time of the build that made the cached artifacts.
+        loaded_from_cache: true when this call loaded an earlier build instead of building.
 
     Example:
         >>> org = build_persona_organism(OrganismRecipe.tiny(), progress=False)  # doctest: +SKIP
@@ -408,13 +409,3 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-def with_seed(recipe: OrganismRecipe, seed: int) -> OrganismRecipe:
-    """The same recipe with another seed.
-
-    Example:
-        >>> with_seed(OrganismRecipe(), 5).seed
-        5
-    """
-    return replace(recipe, seed=seed)

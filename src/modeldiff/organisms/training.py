@@ -414,16 +414,12 @@ def train_sae(
         logger=LoggingConfig(log_to_wandb=False),
     )
     trainer = SAETrainer(cfg=trainer_cfg, sae=training_sae, data_provider=provider())
-    import logging
-
-    if not progress:
-        logging.getLogger("sae_lens").setLevel(logging.WARNING)
-    _quiet_tqdm = _silence_tqdm() if not progress else None
+    restore = _silence_tqdm() if not progress else None
     try:
         trained = trainer.fit()
     finally:
-        if _quiet_tqdm is not None:
-            _quiet_tqdm()
+        if restore is not None:
+            restore()
     sae = SAE.from_dict(trained.cfg.get_inference_sae_cfg_dict())
     sae.load_state_dict(_inference_state(trained), strict=True)
     sae.eval()
