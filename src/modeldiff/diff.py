@@ -193,11 +193,7 @@ class LatentDiff:
         )
         self._resid_delta = resid_delta.detach().cpu() if resid_delta is not None else None
         # Own copies of the statistics: the caller may keep updating the objects it passed in.
-        self._stats = (
-            None
-            if stats is None
-            else tuple(SiteStats.from_state_dict(st.state_dict()) for st in stats)
-        )
+        self._stats = None if stats is None else tuple(st.copy() for st in stats)
         key = self._cols[rank_by].clone()
         key = torch.nan_to_num(key, nan=-math.inf)
         self._order = torch.argsort(-key, stable=True)  # ties: smaller latent index first
@@ -282,7 +278,7 @@ class LatentDiff:
         """The raw ``(base, fine-tuned)`` statistics, for merging or re-analysis (copies)."""
         if self._stats is None:
             return None
-        return tuple(SiteStats.from_state_dict(s.state_dict()) for s in self._stats)  # type: ignore[return-value]
+        return tuple(s.copy() for s in self._stats)  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return self._d_sae
@@ -505,7 +501,7 @@ class LatentDiff:
                 )
             n_p = max(lb.n_prompts, lf.n_prompts)
             counts = lb.prompt_count
-            chunk = max(1, 2**22 // max(n_p, 1))
+            chunk = max(1, 2**20 // max(n_p, 1))  # dense [prompts, chunk] blocks of ~8 MB
             for j in range(0, len(tested), chunk):
                 idx = tested[j : j + chunk]
                 dsum = lf.prompt_sums(idx, n_prompts=n_p) - lb.prompt_sums(idx, n_prompts=n_p)

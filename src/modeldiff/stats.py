@@ -88,8 +88,10 @@ class LatentStats:
         # Sparse per-prompt sums: coalesced part plus pending chunks (coalesced lazily).
         self._pp_key = torch.zeros(0, dtype=torch.int64)  # prompt * d_sae + latent, sorted, unique
         self._pp_val = torch.zeros(0, dtype=torch.float64)
+        # Chunks appended batch by batch. Each batch's entries are unique; only when a prompt comes
+        # back in a later batch or shard can keys repeat ("dirty"), and only then is a sort needed.
         self._pending: list[tuple[Tensor, Tensor]] = []
-        self._pending_n = 0
+        self._dirty = False
 
     # -- derived quantities ----------------------------------------------------------------------
     @property
@@ -177,15 +179,14 @@ class LatentStats:
         # Per-prompt token counts and sparse sums.
         uniq_cpu = uniq.cpu()
         self._grow_prompts(int(uniq_cpu.max()) + 1)
+        seen_before = bool((self.prompt_count[uniq_cpu] > 0).any())
         self.prompt_count.index_add_(
             0, uniq_cpu, torch.bincount(inv.cpu(), minlength=len(uniq_cpu))
         )
         if self.track_prompts:
             rows, lat, val = pp
             self._pending.append((uniq_cpu[rows] * self.d_sae + lat, val))
-            self._pending_n += int(val.numel())
-            if self._pending_n > max(1_000_000, 2 * self._pp_val.numel()):
-                self._coalesce()
+            self._dirty = self._dirty or seen_before
 
     def _dense_parts(self, acts: Tensor, key: Tensor, inv: Tensor, n_rows: int) -> tuple:
         a64 = acts.to(torch.float64)
@@ -248,15 +249,21 @@ class LatentStats:
             grown[: self.prompt_count.numel()] = self.prompt_count
             self.prompt_count = grown
 
+    def _chunks(self) -> list[tuple[Tensor, Tensor]]:
+        if self._dirty:
+            self._coalesce()
+        return [(self._pp_key, self._pp_val), *self._pending]
+
     def _coalesce(self) -> None:
         if not self._pending:
+            self._dirty = False
             return
         keys = torch.cat([self._pp_key, *(k for k, _ in self._pending)])
         vals = torch.cat([self._pp_val, *(v for _, v in self._pending)])
         uk, ui = torch.unique(keys, return_inverse=True)  # sorted
         self._pp_key = uk
         self._pp_val = torch.zeros(len(uk), dtype=torch.float64).index_add_(0, ui, vals)
-        self._pending, self._pending_n = [], 0
+        self._pending, self._dirty = [], False
 
     # -- per-prompt access -----------------------------------------------------------------------
     def prompt_sums(
@@ -271,29 +278,24 @@ class LatentStats:
                 "these statistics were gathered with track_prompts=False, so per-prompt sums are "
                 "unavailable; re-run with track_prompts=True for confidence intervals and p-values"
             )
-        self._coalesce()
         n_p = self.n_prompts if n_prompts is None else n_prompts
-        lat_all = self._pp_key % self.d_sae
-        pr_all = self._pp_key // self.d_sae
         if latents is None:
-            out = torch.zeros(n_p, self.d_sae, dtype=torch.float64)
-            keep = pr_all < n_p
-            out[pr_all[keep], lat_all[keep]] = self._pp_val[keep]
-            return out
+            latents = torch.arange(self.d_sae)
         latents = torch.as_tensor(latents, dtype=torch.int64).cpu()
         col = torch.full((self.d_sae,), -1, dtype=torch.int64)
         col[latents] = torch.arange(len(latents))
-        c = col[lat_all]
-        keep = (c >= 0) & (pr_all < n_p)
         out = torch.zeros(n_p, len(latents), dtype=torch.float64)
-        out[pr_all[keep], c[keep]] = self._pp_val[keep]
+        for key, val in self._chunks():  # keys are unique across chunks (coalesced if needed)
+            c = col[key % self.d_sae]
+            pr = key // self.d_sae
+            keep = (c >= 0) & (pr < n_p)
+            out[pr[keep], c[keep]] = val[keep]
         return out
 
     @property
     def n_prompt_entries(self) -> int:
         """How many (prompt, latent) sums are held: the memory the paired analysis costs."""
-        self._coalesce()
-        return int(self._pp_val.numel())
+        return sum(int(v.numel()) for _, v in self._chunks())
 
     # -- merge / persistence ---------------------------------------------------------------------
     def merge(self, other: LatentStats) -> LatentStats:
@@ -317,11 +319,11 @@ class LatentStats:
         self.fire += other.fire
         self._fold_max(other.max, other.max_key)
         self._grow_prompts(other.n_prompts)
+        shared = bool(((self.prompt_count[: other.n_prompts] > 0) & (other.prompt_count > 0)).any())
         self.prompt_count[: other.n_prompts] += other.prompt_count
         if self.track_prompts:
-            other._coalesce()
-            self._pending.append((other._pp_key.clone(), other._pp_val.clone()))
-            self._coalesce()
+            self._pending.extend((k.clone(), v.clone()) for k, v in other._chunks() if len(v))
+            self._dirty = self._dirty or shared
         return self
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -366,7 +368,26 @@ class LatentStats:
         self.prompt_count = state["prompt_count"].long().clone()
         self._pp_key = state.get("pp_key", torch.zeros(0, dtype=torch.int64)).long().clone()
         self._pp_val = state.get("pp_val", torch.zeros(0, dtype=torch.float64)).double().clone()
-        self._pending, self._pending_n = [], 0
+        self._pending, self._dirty = [], False
+
+    def copy(self) -> LatentStats:
+        """An independent copy (one clone of every tensor)."""
+        out = LatentStats(self.d_sae, track_prompts=self.track_prompts)
+        out.count = self.count
+        for name in (
+            "sum",
+            "sumsq",
+            "fire",
+            "max",
+            "max_key",
+            "prompt_count",
+            "_pp_key",
+            "_pp_val",
+        ):
+            setattr(out, name, getattr(self, name).clone())
+        out._pending = [(k.clone(), v.clone()) for k, v in self._pending]
+        out._dirty = self._dirty
+        return out
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> LatentStats:
@@ -495,6 +516,14 @@ class SiteStats:
             {k.removeprefix("resid."): v for k, v in state.items() if k.startswith("resid.")}
         )
 
+    def copy(self) -> SiteStats:
+        """An independent copy."""
+        out = SiteStats.__new__(SiteStats)
+        out.latents = self.latents.copy()
+        out.resid = VectorStats(self.resid.d)
+        out.resid.load_state_dict(self.resid.state_dict())
+        return out
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> SiteStats:
         """A new instance holding ``state``."""
@@ -588,7 +617,7 @@ def paired_uncertainty(
     obs = d.sum(0) / total
     # Random draws come in fixed blocks of rows, each from its own seeded generator, so results do
     # not depend on how columns are chunked and memory stays O(block · chunk), not O(draws · k).
-    block = 1024
+    block = max(1, min(1024, 2**20 // n_p))  # draw matrices stay at most ~8 MB however many prompts
     cols = max(1, min(chunk, 2**21 // max(n_bootstrap, block)))
 
     def boot_weights(b: int) -> Tensor:
