@@ -627,3 +627,34 @@ def test_ablate_with_an_sae_in_another_dtype(model, sae):
     assert out.dtype == plain.dtype
     ref = sae_lens_reference(sae64, plain.double(), [1, 2], 0.0)
     assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+def test_site_defaults_to_the_directions_own_site(tiny_ht):
+    """A LatentDiff row or an (sae, latent) pair knows its site; a bare vector must be told."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from modeldiff import InterventionError, Site, project_out, steer
+
+    cfg = StandardSAEConfig(d_in=64, d_sae=16)
+    cfg.metadata.hook_name = "blocks.1.hook_resid_pre"
+    sae = StandardSAE(cfg)
+    toks = torch.tensor([[5, 6, 7]])
+    with steer(tiny_ht, (sae, 3), coefficient=2.0):
+        implicit = tiny_ht(toks)
+    with steer(tiny_ht, (sae, 3), site=Site.resid_pre(1), coefficient=2.0):
+        explicit = tiny_ht(toks)
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
+    assert not torch.equal(implicit, tiny_ht(toks))
+
+    class Row:
+        site = Site.resid_post(0)
+
+        def as_direction(self):
+            return sae.W_dec[3].detach()
+
+    with project_out(tiny_ht, Row()):
+        projected = tiny_ht(toks)
+    with project_out(tiny_ht, Row(), site=Site.resid_post(0)):
+        torch.testing.assert_close(tiny_ht(toks), projected, rtol=0, atol=0)
+    with pytest.raises(InterventionError, match="site is missing"):
+        steer(tiny_ht, torch.ones(64), coefficient=1.0)

@@ -359,7 +359,9 @@ def _d_model(model: Any) -> int:
     return int(model.cfg.d_model)
 
 
-def _site_of(model: Any, site: Site | str) -> Site:
+def _site_of(model: Any, site: Site | str | None, direction: Any = None) -> Site:
+    if site is None:
+        site = _site_of_direction(direction)
     try:
         parsed = Site.parse(site)
     except SiteError as err:
@@ -368,6 +370,21 @@ def _site_of(model: Any, site: Site | str) -> Site:
         return parsed.validate(model)
     except SiteError as err:
         raise InterventionError(f"{err} Pick a site of this model for the intervention.") from None
+
+
+def _site_of_direction(direction: Any) -> Site:
+    """The site a direction belongs to: a ``LatentDiff`` row's ``site``, or an SAE's hook."""
+    site = getattr(direction, "site", None)
+    if site is not None:
+        return Site.parse(site)
+    if isinstance(direction, tuple) and len(direction) == 2 and hasattr(direction[0], "W_dec"):
+        try:
+            return Site.from_sae(direction[0])
+        except SiteError as err:
+            raise InterventionError(str(err)) from None
+    raise InterventionError(
+        "site is missing: a plain vector does not say where it belongs; pass site=Site.resid_post(L)"
+    )
 
 
 class Intervention:
@@ -598,7 +615,7 @@ def steer(
     model: Any,
     direction: Any,
     *,
-    site: Site | str,
+    site: Site | str | None = None,
     coefficient: float,
     positions: PositionSpec = "all",
     scale: Literal["absolute", "residual_norm"] = "absolute",
@@ -607,7 +624,8 @@ def steer(
     """Add ``coefficient × direction`` to the activation at ``site``.
 
     ``direction`` is a vector, an ``(sae, latent)`` pair (the latent's decoder row) or an object with
-    ``as_direction()`` (a ``LatentDiff`` row). With ``scale="absolute"`` the direction is used as
+    ``as_direction()`` (a ``LatentDiff`` row). ``site`` may be left out for the latter two: it is
+    the row's site, or the SAE's own hook. With ``scale="absolute"`` the direction is used as
     given. With ``scale="residual_norm"`` it is normalised to unit length and the coefficient counts
     in units of the median norm of the activation at ``site``, measured once now on
     ``calibration_prompts`` (the paper's follow-up steers with 0.4). ``positions`` is ``"all"``,
@@ -629,7 +647,7 @@ def steer(
         (True, True)
     """
     coefficient = _check_coefficient(coefficient)
-    site_ = _site_of(model, site)
+    site_ = _site_of(model, site, direction)
     positions = _check_positions(positions)
     d_model = _d_model(model)
     if scale == "absolute":
@@ -698,7 +716,7 @@ class ProjectOut(Intervention):
 
 
 def project_out(
-    model: Any, direction: Any, *, site: Site | str, positions: PositionSpec = "all"
+    model: Any, direction: Any, *, site: Site | str | None = None, positions: PositionSpec = "all"
 ) -> ProjectOut:
     """Directional ablation: remove the component of the activation at ``site`` along ``direction``.
 
@@ -717,7 +735,7 @@ def project_out(
         >>> bool(seen[0].abs().max() < 1e-4)
         True
     """
-    site_ = _site_of(model, site)
+    site_ = _site_of(model, site, direction)
     vec = resolve_direction(direction, d_model=_d_model(model), normalize=True)
     return ProjectOut(model=model, direction=vec, site=site_, positions=_check_positions(positions))
 
