@@ -46,7 +46,8 @@ _SPARSE_FRACTION = 0.05
 
 
 def _loc_key(prompt_index: Tensor, position: Tensor) -> Tensor:
-    if (position < 0).any() or (position >= 2**_POS_BITS).any() or (prompt_index < 0).any():
+    lo = min(int(prompt_index.min()), int(position.min()))
+    if lo < 0 or int(position.max()) >= 2**_POS_BITS:
         raise ValueError("prompt_index and position must be non-negative (position < 2**32)")
     return (prompt_index.long() << _POS_BITS) | position.long()
 
@@ -435,10 +436,10 @@ class VectorStats:
         """Fold in ``n`` vectors."""
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(f"expected shape [n, {self.d}], got {tuple(x.shape)}")
-        x64 = x.to(torch.float64)
+        # float64 accumulation without materialising a float64 copy of the batch
         self.count += int(x.shape[0])
-        self.sum += x64.sum(0).cpu()
-        self.norm_sum += float(x64.norm(dim=1).sum())
+        self.sum += x.sum(0, dtype=torch.float64).cpu()
+        self.norm_sum += float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).sum())
 
     def merge(self, other: VectorStats) -> VectorStats:
         """Fold ``other`` into ``self`` and return ``self``."""
