@@ -219,7 +219,7 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_child(n_tokens: int) -> None:
+def memory_child(n_tokens: int, uncertainty: str | None = "all") -> None:
     """Peak memory of one diff_latents run in a fresh process (VmHWM: exact, per process image)."""
     from modeldiff.diff import diff_latents
 
@@ -234,11 +234,22 @@ def memory_child(n_tokens: int) -> None:
     rss_before = _status_mb("VmRSS")
     t0 = time.perf_counter()
     d = diff_latents(
-        base, tuned, sae, prompts, positions="all", batch_size=MEMORY_BATCH, progress=False
+        base,
+        tuned,
+        sae,
+        prompts,
+        positions="all",
+        batch_size=MEMORY_BATCH,
+        uncertainty=uncertainty,
+        progress=False,
     )
     secs = time.perf_counter() - t0
     peak = _status_mb("VmHWM")
-    entries = d.stats[0].latents.n_prompt_entries + d.stats[1].latents.n_prompt_entries
+    entries = (
+        d.stats[0].latents.n_prompt_entries + d.stats[1].latents.n_prompt_entries
+        if uncertainty is not None
+        else 0
+    )
     print(
         json.dumps(
             {
@@ -258,6 +269,8 @@ def memory_child(n_tokens: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory-child", type=int, default=None)
+    ap.add_argument("--no-uncertainty", action="store_true", help="memory child: uncertainty=None")
+    ap.add_argument("--memory-only", action="store_true", help="skip the throughput comparison")
     ap.add_argument("--tokens", type=int, default=3_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-sizes", default="10000,200000")
@@ -265,7 +278,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.memory_child is not None:
-        memory_child(args.memory_child)
+        memory_child(args.memory_child, None if args.no_uncertainty else "all")
         return
 
     print(
@@ -273,49 +286,64 @@ def main() -> None:
         f"d_vocab {args.vocab}; site resid_post({SITE_LAYER}); "
         f"TopK SAE d_sae {D_SAE}, k {K}; batch {BATCH}; torch threads {torch.get_num_threads()}"
     )
-    r = throughput(args.tokens, args.repeats, args.vocab)
-    s = r["seconds"]
-    print(
-        f"\n[throughput] {r['tokens']} tokens x 2 models, {r['prompts']} prompts (best of {args.repeats})"
-    )
-    c = r["cpu_seconds"]
-    for k in ("floor", "ours_stream", "ours_full", "naive"):
+    if not args.memory_only:
+        r = throughput(args.tokens, args.repeats, args.vocab)
+        s = r["seconds"]
         print(
-            f"  {k:12s} wall {s[k]:7.2f} s ({2 * r['tokens'] / s[k]:7.0f} tok/s)   "
-            f"cpu {c[k]:7.2f} s ({2 * r['tokens'] / c[k]:7.0f} tok/cpu-s)"
+            f"\n[throughput] {r['tokens']} tokens x 2 models, {r['prompts']} prompts (best of {args.repeats})"
         )
-    for label, num, den, target in (
-        ("ours (stats only) / floor", "floor", "ours_stream", "  (target >= 0.90)"),
-        ("ours (with CIs+p) / floor", "floor", "ours_full", ""),
-        ("ours (stats only) vs naive", "naive", "ours_stream", "  (target >= 2)"),
-        ("ours (with CIs+p) vs naive", "naive", "ours_full", ""),
-    ):
-        print(f"  {label:27s} cpu {c[num] / c[den]:.3f}x   wall {s[num] / s[den]:.3f}x{target}")
-    print(f"  max |mean ours - mean naive| = {r['max_abs_err_vs_naive']:.2e}")
+        c = r["cpu_seconds"]
+        for k in ("floor", "ours_stream", "ours_full", "naive"):
+            print(
+                f"  {k:12s} wall {s[k]:7.2f} s ({2 * r['tokens'] / s[k]:7.0f} tok/s)   "
+                f"cpu {c[k]:7.2f} s ({2 * r['tokens'] / c[k]:7.0f} tok/cpu-s)"
+            )
+        for label, num, den, target in (
+            ("ours (stats only) / floor", "floor", "ours_stream", "  (target >= 0.90)"),
+            ("ours (with CIs+p) / floor", "floor", "ours_full", ""),
+            ("ours (stats only) vs naive", "naive", "ours_stream", "  (target >= 2)"),
+            ("ours (with CIs+p) vs naive", "naive", "ours_full", ""),
+        ):
+            print(f"  {label:27s} cpu {c[num] / c[den]:.3f}x   wall {s[num] / s[den]:.3f}x{target}")
+        print(f"  max |mean ours - mean naive| = {r['max_abs_err_vs_naive']:.2e}")
 
-    print(
-        f"\n[memory] fresh process per size, diff_latents with paired uncertainty; {MEMORY_CONFIG}"
-    )
-    rows = []
-    for n in [int(x) for x in args.memory_sizes.split(",")]:
-        out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", str(n)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(row)
+    # glibc's default allocator keeps freed small blocks in per-thread arenas, so RSS creeps up
+    # with the number of batches even when no data structure grows. We report it as is, and with a
+    # compact allocator (one arena, freed memory returned) to show what the data structures need.
+    compact = {
+        "MALLOC_ARENA_MAX": "1",
+        "MALLOC_TRIM_THRESHOLD_": "0",
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+    }
+    print(f"\n[memory] fresh process per size; {MEMORY_CONFIG}")
+    for label, extra_args, env in (
+        ("uncertainty='all', default allocator", [], {}),
+        ("uncertainty='all', compact allocator", [], compact),
+        ("uncertainty=None,  default allocator", ["--no-uncertainty"], {}),
+        ("uncertainty=None,  compact allocator", ["--no-uncertainty"], compact),
+    ):
+        rows = []
+        for n in [int(x) for x in args.memory_sizes.split(",")]:
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(n), *extra_args],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, **env},
+            )
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        first, last = rows[0], rows[-1]
+        growth = last["peak_rss_mb"] / first["peak_rss_mb"] - 1
+        # The per-prompt sums are the O(n_prompts * k) the paired analysis needs by design.
+        own = (last["peak_rss_mb"] - last["per_prompt_mb"] + first["per_prompt_mb"]) / first[
+            "peak_rss_mb"
+        ] - 1
         print(
-            f"  {row['tokens']:7d} tokens ({row['prompts']:5d} prompts): peak RSS "
-            f"{row['peak_rss_mb']:7.1f} MB (before run {row['rss_before_run_mb']:7.1f} MB), "
-            f"per-prompt sums {row['per_prompt_mb']:5.1f} MB, {row['seconds']:.1f} s"
+            f"  {label}: peak RSS {first['peak_rss_mb']:.0f} MB ({first['tokens']} tokens) -> "
+            f"{last['peak_rss_mb']:.0f} MB ({last['tokens']} tokens, {last['prompts']} prompts, "
+            f"per-prompt sums {last['per_prompt_mb']:.1f} MB): growth {100 * growth:+.1f}%, "
+            f"without the per-prompt sums {100 * own:+.1f}% (target < 5%)"
         )
-    growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1
-    print(
-        f"  peak RSS growth {rows[0]['tokens']} -> {rows[-1]['tokens']} tokens: {100 * growth:+.1f}% "
-        "(target < 5%)"
-    )
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def test_invariant_to_order_batch_size_and_padding(
         positions="all",
         batch_size=8,
         progress=False,
-        uncertainty=None,
+        uncertainty=1,  # tracks per-prompt sums (compared below) at little cost
     )
     got = diff_latents(
         tiny_ht,
@@ -206,7 +206,7 @@ def test_invariant_to_order_batch_size_and_padding(
         batch_size=batch_size,
         padding_side=padding_side,
         progress=False,
-        uncertainty=None,
+        uncertainty=1,  # tracks per-prompt sums (compared below) at little cost
     )
     a, b = _stats_view(ref), _stats_view(got)
     for k in a:
@@ -420,3 +420,20 @@ def test_smollm2_with_a_small_sae():
     assert d.rank_of(42) == 1
     assert torch.equal(d.mean_base, same.mean_base)
     assert d.at_rank(1).ci_low > 0 and d.at_rank(1).cosine == pytest.approx(1.0, abs=1e-4)
+
+
+def test_without_uncertainty_no_per_prompt_sums_are_kept(tiny_ht):
+    """uncertainty=None keeps memory O(d_sae): no per-prompt entries, same means as with them."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from modeldiff.testing import tiny_hooked_transformer
+
+    tuned = tiny_hooked_transformer(seed=5)
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=48))
+    prompts = ["hello world the fox", "the quick brown fox", "Paris is the capital"]
+    kw = dict(site="blocks.1.hook_resid_post", positions="all", progress=False)
+    lean = diff_latents(tiny_ht, tuned, sae, prompts, uncertainty=None, **kw)
+    full = diff_latents(tiny_ht, tuned, sae, prompts, uncertainty="all", **kw)
+    assert lean.stats[0].latents.n_prompt_entries == 0
+    assert full.stats[0].latents.n_prompt_entries > 0
+    torch.testing.assert_close(lean.delta, full.delta, rtol=0, atol=0)

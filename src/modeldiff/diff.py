@@ -928,8 +928,10 @@ def diff_latents(
     sae, site = _prepare(base, finetuned, sae, site, convert_sae)
     tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
     d_sae, d_model = int(sae.cfg.d_sae), int(base.cfg.d_model)
-    stats_b = SiteStats(d_sae, d_model)
-    stats_f = SiteStats(d_sae, d_model)
+    # Per-prompt sums exist only for the paired analysis; without it memory stays O(d_sae).
+    track = uncertainty is not None
+    stats_b = SiteStats(d_sae, d_model, track_prompts=track)
+    stats_f = SiteStats(d_sae, d_model, track_prompts=track)
     common = {
         "positions": positions,
         "batch_size": batch_size,

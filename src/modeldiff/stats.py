@@ -286,11 +286,16 @@ class LatentStats:
         col = torch.full((self.d_sae,), -1, dtype=torch.int64)
         col[latents] = torch.arange(len(latents))
         out = torch.zeros(n_p, len(latents), dtype=torch.float64)
-        for key, val in self._chunks():  # keys are unique across chunks (coalesced if needed)
-            c = col[key % self.d_sae]
-            pr = key // self.d_sae
-            keep = (c >= 0) & (pr < n_p)
-            out[pr[keep], c[keep]] = val[keep]
+        # Index temporaries are made per slice of entries, so reading a few latents out of millions of
+        # (prompt, latent) entries costs O(slice) extra memory, not several copies of every entry.
+        step = 1 << 18
+        for keys, vals in self._chunks():  # keys are unique across chunks (coalesced if needed)
+            for i in range(0, len(keys), step):
+                key, val = keys[i : i + step], vals[i : i + step]
+                c = col[key % self.d_sae]
+                pr = key // self.d_sae
+                keep = (c >= 0) & (pr < n_p)
+                out[pr[keep], c[keep]] = val[keep]
         return out
 
     @property
