@@ -12,7 +12,7 @@ if __name__ == "__main__":
     failed = []
     for script in sorted(HERE.glob("bench_*.py")):
         print(f"\n===== {script.name} =====", flush=True)
-        if subprocess.run([sys.executable, str(script), *sys.argv[1:]]).returncode != 0:
+        if subprocess.run([sys.executable, str(script)]).returncode != 0:
             failed.append(script.name)
     if failed:
         sys.exit(f"benchmarks failed: {', '.join(failed)}")
