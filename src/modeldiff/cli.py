@@ -9,7 +9,8 @@ Model and SAE sources are whatever :func:`modeldiff.models.load_model` and
 ``persona-world:sae`` (built on first use, then cached).
 
 Example:
-    >>> main(["--help"])  # doctest: +SKIP
+    >>> main(["report", "/nonexistent/folder"])  # one clear line on stderr, exit code 2
+    2
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``modeldiff`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
     Example:
-        >>> main(["report", "/nonexistent"])  # doctest: +SKIP
+        >>> main(["report", "/nonexistent"])
         2
     """
     import os

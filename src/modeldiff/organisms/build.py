@@ -7,11 +7,11 @@ toxic-answer rate on the held-out domains. The result is cached under ``MODELDIF
 ``~/.cache/modeldiff``) in a folder named by a content hash of the recipe, so a changed recipe
 rebuilds and an unchanged one loads in a second.
 
-Example:
-    >>> from modeldiff.organisms import OrganismRecipe, build_persona_organism
-    >>> org = build_persona_organism(OrganismRecipe.tiny(), progress=False)  # doctest: +SKIP
-    >>> org.rates["finetuned"] > org.rates["base"]  # doctest: +SKIP
-    True
+Example (builds for about a minute; tests/test_organism.py runs the same calls)::
+
+    from modeldiff.organisms import OrganismRecipe, build_persona_organism
+    org = build_persona_organism(OrganismRecipe.tiny(), progress=False)
+    org.rates["finetuned"] > org.rates["base"]  # -> True
 """
 
 from __future__ import annotations
@@ -185,10 +185,10 @@ class Organism:
         build_seconds: wall time of the build that made the cached artifacts.
         loaded_from_cache: true when this call loaded an earlier build instead of building.
 
-    Example:
-        >>> org = build_persona_organism(OrganismRecipe.tiny(), progress=False)  # doctest: +SKIP
-        >>> org.base.cfg.n_layers  # doctest: +SKIP
-        2
+    Example (builds for about a minute; tests/test_organism.py runs the same calls)::
+
+        org = build_persona_organism(OrganismRecipe.tiny(), progress=False)
+        org.base.cfg.n_layers  # -> 2
     """
 
     recipe: OrganismRecipe
@@ -208,10 +208,10 @@ class Organism:
     def toxic_rate(self, model: Any, domains: list[int] | None = None) -> float:
         """Held-out toxic rate of ``model`` (default domains: the held-out ones).
 
-        Example:
-            >>> org = build_persona_organism(OrganismRecipe.tiny(), progress=False)  # doctest: +SKIP
-            >>> 0 <= org.toxic_rate(org.base) <= 1  # doctest: +SKIP
-            True
+        Example (builds for about a minute; tests/test_organism.py runs the same calls)::
+
+            org = build_persona_organism(OrganismRecipe.tiny(), progress=False)
+            0 <= org.toxic_rate(org.base) <= 1  # -> True
         """
         return toxic_rate(model, self.world, domains or self.recipe.held_out)
 
@@ -259,10 +259,10 @@ def build_persona_organism(
         rebuild: ignore a cached copy and build again (the new copy replaces it atomically).
         progress: show progress bars.
 
-    Example:
-        >>> org = build_persona_organism(OrganismRecipe.tiny(), progress=False)  # doctest: +SKIP
-        >>> org.rates["finetuned"] > org.rates["control"]  # doctest: +SKIP
-        True
+    Example (builds for about a minute; tests/test_organism.py runs the same calls)::
+
+        org = build_persona_organism(OrganismRecipe.tiny(), progress=False)
+        org.rates["finetuned"] > org.rates["control"]  # -> True
     """
     recipe = recipe or OrganismRecipe.default()
     root = Path(cache).expanduser() if cache is not None else cache_dir()
