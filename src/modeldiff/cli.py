@@ -291,17 +291,9 @@ def _versions() -> dict[str, str]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    import os
-    import tempfile
+    from modeldiff._io import write_text_atomic
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 _COMMANDS = {"demo": _cmd_demo, "diff": _cmd_diff, "steer": _cmd_steer, "report": _cmd_report}

@@ -23,8 +23,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._io import atomic_path
 from .capture import capture, plan_batches
 from .saes import SAEError, check_sae, load_sae, sae_fingerprint, sae_identity
 from .sites import Site, as_sites
@@ -592,15 +591,8 @@ class LatentDiff:
             "rank_by": self._rank_by,
             "meta": self._meta,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"modeldiff": json.dumps(header)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"modeldiff": json.dumps(header)})
         return path
 
     @classmethod

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import html as _html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from modeldiff._io import write_text_atomic
 
 __all__ = ["SECTIONS", "render_report", "write_report"]
 
@@ -335,14 +335,4 @@ def write_report(
     target = Path(path)
     if target.is_dir() or target.suffix.lower() not in (".html", ".htm"):
         target = target / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = render_report(data, diff, title=title)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(target, render_report(data, diff, title=title))
