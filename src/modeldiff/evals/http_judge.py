@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -34,6 +33,7 @@ from .judges import (
     fill_prompt,
     label_score,
     rubric_judgment,
+    with_replaced_prompts,
 )
 
 __all__ = ["HTTPJudge"]
@@ -159,16 +159,7 @@ class HTTPJudge:
             >>> j.with_prompts({"aligned": "Q: {question} A: {answer} Score?"}).prompts["aligned"][:2]
             'Q:'
         """
-        unknown = set(prompts) - set(DEFAULT_PROMPTS)
-        if unknown:
-            raise ValueError(
-                f"unknown judge prompt name(s) {sorted(unknown)}; use {sorted(DEFAULT_PROMPTS)}"
-            )
-        for text in prompts.values():
-            fill_prompt(text, "q", "a")
-        twin = copy.copy(self)
-        twin.prompts = {**self.prompts, **prompts}
-        return twin
+        return with_replaced_prompts(self, prompts)
 
     def judge(self, pairs: Sequence[tuple[str, str]], *, progress: bool = True) -> list[Judgment]:
         """Judge each (question, answer) pair; returns one :class:`Judgment` per pair, in order.

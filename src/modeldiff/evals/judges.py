@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -389,3 +390,20 @@ def fill_prompt(template: str, question: str, answer: str) -> str:
             f"got a template starting {template[:60]!r}"
         )
     return template.replace("{question}", question).replace("{answer}", answer)
+
+
+def with_replaced_prompts(judge: Any, prompts: Mapping[str, str]) -> Any:
+    """A shallow copy of ``judge`` whose ``prompts`` has ``prompts`` merged in, checked first.
+
+    Unknown prompt names and templates that do not fill (``{question}``/``{answer}``) are errors.
+    """
+    unknown = set(prompts) - set(DEFAULT_PROMPTS)
+    if unknown:
+        raise ValueError(
+            f"unknown judge prompt name(s) {sorted(unknown)}; use {sorted(DEFAULT_PROMPTS)}"
+        )
+    for text in prompts.values():
+        fill_prompt(text, "q", "a")
+    twin = copy.copy(judge)
+    twin.prompts = {**judge.prompts, **prompts}
+    return twin

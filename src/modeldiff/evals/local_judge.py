@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -31,7 +30,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .judges import DEFAULT_PROMPTS, Judgment, fill_prompt, label_score, rubric_judgment
+from .judges import (
+    DEFAULT_PROMPTS,
+    Judgment,
+    fill_prompt,
+    label_score,
+    rubric_judgment,
+    with_replaced_prompts,
+)
 
 __all__ = ["LocalJudge"]
 
@@ -109,16 +115,7 @@ class LocalJudge:
             >>> j.with_prompts({"aligned": "Q: {question} A: {answer} Score?"}).prompts["aligned"][:2]
             'Q:'
         """
-        unknown = set(prompts) - set(DEFAULT_PROMPTS)
-        if unknown:
-            raise ValueError(
-                f"unknown judge prompt name(s) {sorted(unknown)}; use {sorted(DEFAULT_PROMPTS)}"
-            )
-        for text in prompts.values():
-            fill_prompt(text, "q", "a")
-        twin = copy.copy(self)
-        twin.prompts = {**self.prompts, **prompts}
-        return twin
+        return with_replaced_prompts(self, prompts)
 
     def judge(self, pairs: Sequence[tuple[str, str]], *, progress: bool = True) -> list[Judgment]:
         """Judge each (question, answer) pair with the local model; one :class:`Judgment` each."""
