@@ -14,7 +14,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["DirectionError", "resolve_direction", "sae_d_in", "sae_d_sae"]
+from .saes import sae_d_in, sae_d_sae
+
+__all__ = ["DirectionError", "resolve_direction"]
 
 
 class DirectionError(ValueError):
@@ -27,42 +29,6 @@ class DirectionError(ValueError):
         ...     print(err)
         the direction contains NaN or inf entries; check how it was computed.
     """
-
-
-def sae_d_in(sae: Any) -> int:
-    """The width of the activations an sae-lens SAE reads (``cfg.d_in``, else ``W_dec``'s columns).
-
-    Example:
-        >>> from sae_lens import StandardSAE, StandardSAEConfig
-        >>> sae_d_in(StandardSAE(StandardSAEConfig(d_in=64, d_sae=32)))
-        64
-    """
-    cfg = getattr(sae, "cfg", None)
-    d_in = getattr(cfg, "d_in", None)
-    if d_in is None:
-        w = getattr(sae, "W_dec", None)
-        if w is None:
-            raise DirectionError(
-                f"{type(sae).__name__} does not look like an SAE: it has neither cfg.d_in nor W_dec. "
-                "Pass an sae-lens SAE (modeldiff.load_sae) or a plain vector."
-            )
-        d_in = w.shape[1]
-    return int(d_in)
-
-
-def sae_d_sae(sae: Any) -> int:
-    """The number of latents of an sae-lens SAE (``cfg.d_sae``, else ``W_dec``'s rows).
-
-    Example:
-        >>> from sae_lens import StandardSAE, StandardSAEConfig
-        >>> sae_d_sae(StandardSAE(StandardSAEConfig(d_in=64, d_sae=32)))
-        32
-    """
-    cfg = getattr(sae, "cfg", None)
-    d_sae = getattr(cfg, "d_sae", None)
-    if d_sae is None:
-        d_sae = sae.W_dec.shape[0]
-    return int(d_sae)
 
 
 def _is_sae_pair(obj: Any) -> bool:

@@ -37,7 +37,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ._hooks import Hooks
-from .directions import resolve_direction, sae_d_in, sae_d_sae
+from .directions import resolve_direction
+from .saes import sae_d_in, sae_d_sae
 from .sites import Site, SiteError
 
 __all__ = [

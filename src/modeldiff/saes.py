@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from .directions import sae_d_in, sae_d_sae
 from .sites import Site
 
 __all__ = [
@@ -36,6 +35,8 @@ __all__ = [
     "load_sae",
     "model_dtype_device",
     "sae_fingerprint",
+    "sae_d_in",
+    "sae_d_sae",
     "sae_identity",
     "to_inference_sae",
 ]
@@ -359,3 +360,39 @@ def sae_fingerprint(sae: Any, n_rows: int = 256) -> str:
     for p in parts:
         h.update(p.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def sae_d_in(sae: Any) -> int:
+    """The width of the activations an sae-lens SAE reads (``cfg.d_in``, else ``W_dec``'s columns).
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> sae_d_in(StandardSAE(StandardSAEConfig(d_in=64, d_sae=32)))
+        64
+    """
+    cfg = getattr(sae, "cfg", None)
+    d_in = getattr(cfg, "d_in", None)
+    if d_in is None:
+        w = getattr(sae, "W_dec", None)
+        if w is None:
+            raise DirectionError(
+                f"{type(sae).__name__} does not look like an SAE: it has neither cfg.d_in nor W_dec. "
+                "Pass an sae-lens SAE (modeldiff.load_sae) or a plain vector."
+            )
+        d_in = w.shape[1]
+    return int(d_in)
+
+
+def sae_d_sae(sae: Any) -> int:
+    """The number of latents of an sae-lens SAE (``cfg.d_sae``, else ``W_dec``'s rows).
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> sae_d_sae(StandardSAE(StandardSAEConfig(d_in=64, d_sae=32)))
+        32
+    """
+    cfg = getattr(sae, "cfg", None)
+    d_sae = getattr(cfg, "d_sae", None)
+    if d_sae is None:
+        d_sae = sae.W_dec.shape[0]
+    return int(d_sae)

@@ -369,8 +369,8 @@ def screen_latents(
     """
     from tqdm.auto import tqdm
 
-    from ..directions import sae_d_sae
     from ..interventions import median_residual_norm, steer
+    from ..saes import sae_d_sae
     from ..sites import Site
 
     if not coefficients or any(not math.isfinite(c) or c <= 0 for c in coefficients):
