@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeldiff._hooks import add_hook
+from _reference import reference_greedy
 from modeldiff.generation import GenerationError, generate, generate_ids
 from modeldiff.interventions import InterventionError, steer
 from modeldiff.tokens import tokenize_prompts
@@ -130,26 +130,6 @@ def test_bad_generation_arguments(tiny_ht):
 # ------------------------------------------------------------------------------------------------
 
 
-def reference(model, prompt, direction, site, coefficient, positions, n):
-    """Greedy, no cache, full re-run with an explicit mask (independent of our position tracking)."""
-    ids, p = list(prompt), len(prompt)
-    for _ in range(n):
-        idx = torch.arange(len(ids))
-        sel = idx >= p if positions == "generated" else idx < p
-
-        def add(x, hook, sel=sel):
-            return x + sel[None, :, None].to(x.dtype) * (coefficient * direction)
-
-        h = add_hook(model, site, add)
-        try:
-            with torch.no_grad():
-                logits = model(torch.tensor([ids]))
-        finally:
-            h.remove()
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[p:]
-
-
 @pytest.mark.parametrize("positions", ["generated", "prompt"])
 @pytest.mark.parametrize(("family", "wrapper"), [("llama", "hooked"), ("llama", "bridge")])
 def test_steered_generation_cached_uncached_and_reference_agree(loaded, family, wrapper, positions):
@@ -158,7 +138,7 @@ def test_steered_generation_cached_uncached_and_reference_agree(loaded, family, 
     d = torch.randn(64, generator=torch.Generator().manual_seed(0))
     prompts, n = PROMPTS[:2], 5
     prompt_ids = [tp.ids for tp in tokenize_prompts(model, prompts)]
-    refs = [reference(model, p, d, site, 8.0, positions, n) for p in prompt_ids]
+    refs = [reference_greedy(model, p, d, site, 8.0, positions, n) for p in prompt_ids]
     kw = {"max_new_tokens": n, "stop_at_eos": False, "progress": False}
     plain = generate_ids(model, prompts, **kw)
     with steer(model, d, site=site, coefficient=8.0, positions=positions):
@@ -175,7 +155,7 @@ def test_steering_works_with_the_bridges_own_uncached_generate(loaded):
     site = "blocks.1.hook_resid_pre"
     d = torch.randn(64, generator=torch.Generator().manual_seed(1))
     prompt = tokenize_prompts(model, ["The capital of France"])[0].ids
-    ref = reference(model, prompt, d, site, 8.0, "generated", 5)
+    ref = reference_greedy(model, prompt, d, site, 8.0, "generated", 5)
     with steer(model, d, site=site, coefficient=8.0, positions="generated"), torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]),

@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _reference import reference_greedy
 from modeldiff._hooks import add_hook
 from modeldiff.directions import DirectionError, resolve_direction
 from modeldiff.interventions import (
@@ -319,34 +320,6 @@ def test_position_restricted_steering_sees_string_input_on_hooked_transformer(mo
 # ------------------------------------------------------------------------------------------------
 # positions under generation: the per-forward-mask bug
 # ------------------------------------------------------------------------------------------------
-
-
-def reference_greedy(model, prompt, direction, site, coefficient, positions, n):
-    """Greedy decoding without any cache, re-running the full sequence with an explicit mask."""
-    ids = list(prompt)
-    p = len(prompt)
-    for _ in range(n):
-        length = len(ids)
-        if positions == "all":
-            sel = torch.ones(length, dtype=torch.bool)
-        elif positions == "prompt":
-            sel = torch.arange(length) < p
-        elif positions == "generated":
-            sel = torch.arange(length) >= p
-        else:
-            sel = torch.isin(torch.arange(length), torch.tensor(positions))
-
-        def add(x, hook, sel=sel):
-            return x + sel[None, :, None].to(x.dtype) * (coefficient * direction)
-
-        h = add_hook(model, site, add)
-        try:
-            with torch.no_grad():
-                logits = model(torch.tensor([ids]))
-        finally:
-            h.remove()
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[p:]
 
 
 @pytest.mark.parametrize("positions", ["generated", "prompt", "all", [1, 7, 9]])
