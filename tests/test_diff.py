@@ -437,3 +437,36 @@ def test_without_uncertainty_no_per_prompt_sums_are_kept(tiny_ht):
     assert lean.stats[0].latents.n_prompt_entries == 0
     assert full.stats[0].latents.n_prompt_entries > 0
     torch.testing.assert_close(lean.delta, full.delta, rtol=0, atol=0)
+
+
+def test_sae_encodes_in_chunks_without_changing_any_statistic(tiny_ht, planted, sae, monkeypatch):
+    """Chunked encoding (bounded memory) splits prompts across chunks: every statistic must match
+    the one-chunk-per-batch run, per-prompt sums and max locations included (to float32 rounding:
+    the encoder's matmul rounds differently for other row counts)."""
+    import modeldiff.diff as diff_mod
+
+    kw = dict(positions="all", batch_size=4, progress=False, uncertainty="all")
+    whole = diff_latents(tiny_ht, planted[0], sae, PROMPTS, **kw)
+    seen: list[int] = []
+    real = diff_mod._encode_rows
+
+    def tiny_rows(d_sae: int) -> int:
+        seen.append(d_sae)
+        return 3  # far fewer rows than a batch has tokens: prompts straddle chunks
+
+    monkeypatch.setattr(diff_mod, "_encode_rows", tiny_rows)
+    chunked = diff_latents(tiny_ht, planted[0], sae, PROMPTS, **kw)
+    assert seen and real(sae.cfg.d_sae) >= 16
+    for k in ("mean_base", "mean_finetuned", "freq_base", "max_base", "max_base_prompt"):
+        torch.testing.assert_close(chunked.column(k), whole.column(k), rtol=1e-5, atol=1e-5, msg=k)
+    for s_c, s_w in zip(chunked.stats, whole.stats):
+        n = s_w.latents.n_prompts
+        assert s_c.latents.n_prompts == n
+        assert torch.equal(s_c.latents.prompt_count, s_w.latents.prompt_count)
+        torch.testing.assert_close(
+            s_c.latents.prompt_sums(n_prompts=n),
+            s_w.latents.prompt_sums(n_prompts=n),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert torch.equal(chunked.order[:10], whole.order[:10])

@@ -257,3 +257,22 @@ def test_paired_uncertainty_rejects_bad_input():
         paired_uncertainty(torch.zeros(3, 2), torch.ones(3), test="z")
     with pytest.raises(ValueError, match="no prompt contributed"):
         paired_uncertainty(torch.zeros(3, 2), torch.zeros(3))
+
+
+def test_prompt_counts_grow_in_place_without_exposing_spare_capacity():
+    """Prompt counts live in a geometrically grown buffer; n_prompts, prompt_count and the saved
+    state must still end exactly at the largest prompt index seen."""
+    s = LatentStats(4)
+    total = torch.zeros(0, dtype=torch.int64)
+    for i, n_rows in enumerate([1, 2, 1, 5, 1, 3]):
+        prompt = torch.full((n_rows,), 2 * i + 1)
+        s.update(torch.ones(n_rows, 4), prompt_index=prompt, position=torch.arange(n_rows))
+        total = torch.cat([total, torch.zeros(2 * i + 2 - len(total), dtype=torch.int64)])
+        total[2 * i + 1] += n_rows
+        assert s.n_prompts == 2 * i + 2
+        assert torch.equal(s.prompt_count, total)
+        assert torch.equal(s.state_dict()["prompt_count"], total)
+    assert s.copy().n_prompts == s.n_prompts
+    max_before = s.max
+    s.update(torch.full((1, 4), 9.0), prompt_index=torch.tensor([0]), position=torch.tensor([7]))
+    assert s.max is max_before and bool((s.max == 9.0).all())  # folded in place

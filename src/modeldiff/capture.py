@@ -53,11 +53,20 @@ class CaptureBatch:
 def plan_batches(
     lengths: Sequence[int], batch_size: int, *, sort_by_length: bool
 ) -> list[list[int]]:
-    """Group prompt indices into batches; sorting by length first keeps padding small."""
+    """Group prompt indices into batches; sorting by length keeps padding small.
+
+    Sorted batches run longest first: the first batch is the largest, so a batch size that does not
+    fit in memory fails at once rather than at the end of a long run, and the allocator can serve
+    every later (smaller) batch from memory the earlier ones freed instead of growing the heap.
+
+    Example:
+        >>> plan_batches([3, 9, 5, 7], 2, sort_by_length=True)
+        [[1, 3], [2, 0]]
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = (
-        sorted(range(len(lengths)), key=lambda i: lengths[i])
+        sorted(range(len(lengths)), key=lambda i: -lengths[i])
         if sort_by_length
         else list(range(len(lengths)))
     )
@@ -93,8 +102,8 @@ def capture(
         prepend_bos: add BOS to plain-string prompts (default: the model's convention).
         truncate: cut prompts longer than the context window instead of raising.
         padding_side: ``"right"`` or ``"left"``; results do not depend on it.
-        sort_by_length: batch prompts of similar length together (less padding); ``prompt_index``
-            still names each row's prompt.
+        sort_by_length: batch prompts of similar length together, longest first (less padding,
+            and the largest batch runs first); ``prompt_index`` still names each row's prompt.
         tokenized: already tokenized prompts (skips tokenization; ``prompts`` is then only counted).
         progress: show a progress bar.
 

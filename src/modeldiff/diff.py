@@ -850,11 +850,30 @@ def collect_site_stats(
     )
     with torch.inference_mode():
         for b in stream:
-            x = b.acts[site]
-            out.update(
-                sae.encode(x), x, prompt_index=b.prompt_index + prompt_offset, position=b.position
-            )
+            _encode_into(out, sae, b.acts[site], b.prompt_index + prompt_offset, b.position)
     return out
+
+
+# Elements of one [rows, d_sae] encoder output (float32: 8 MB). The SAE encodes a batch in chunks of
+# this size, so its transient memory is bounded whatever the batch size and dictionary width, and
+# every chunk but a batch's last has the same shape (the allocator reuses the same blocks).
+_ENCODE_ELEMENTS = 2**21
+_MIN_ENCODE_ROWS = 16
+
+
+def _encode_rows(d_sae: int) -> int:
+    return max(_MIN_ENCODE_ROWS, _ENCODE_ELEMENTS // max(d_sae, 1))
+
+
+def _encode_into(
+    stats: SiteStats, sae: Any, x: Tensor, prompt_index: Tensor, position: Tensor
+) -> None:
+    """Encode ``x`` with the SAE chunk by chunk and fold each chunk into ``stats``."""
+    rows = _encode_rows(stats.latents.d_sae)
+    for j in range(0, x.shape[0], rows):
+        sl = slice(j, j + rows)
+        xs = x[sl]
+        stats.update(sae.encode(xs), xs, prompt_index=prompt_index[sl], position=position[sl])
 
 
 def diff_latents(
@@ -958,9 +977,8 @@ def diff_latents(
                 raise RuntimeError(
                     "internal: base and fine-tuned batches selected different tokens"
                 )
-            xb, xf = bb.acts[site], bf.acts[site]
-            stats_b.update(sae.encode(xb), xb, prompt_index=bb.prompt_index, position=bb.position)
-            stats_f.update(sae.encode(xf), xf, prompt_index=bf.prompt_index, position=bf.position)
+            _encode_into(stats_b, sae, bb.acts[site], bb.prompt_index, bb.position)
+            _encode_into(stats_f, sae, bf.acts[site], bf.prompt_index, bf.position)
     meta = {
         "positions": positions if isinstance(positions, str) else "explicit",
         "include_bos": include_bos,

@@ -85,7 +85,9 @@ class LatentStats:
         self.fire = torch.zeros(d_sae, dtype=torch.int64)
         self.max = torch.zeros(d_sae, dtype=torch.float64)
         self.max_key = torch.full((d_sae,), _NO_LOC, dtype=torch.int64)
-        self.prompt_count = torch.zeros(0, dtype=torch.int64)
+        # Per-prompt token counts live in a buffer that grows geometrically (see ``prompt_count``).
+        self._prompt_buf = torch.zeros(0, dtype=torch.int64)
+        self._n_prompts = 0
         # Sparse per-prompt sums: coalesced part plus pending chunks (coalesced lazily).
         self._pp_key = torch.zeros(0, dtype=torch.int64)  # prompt * d_sae + latent, sorted, unique
         self._pp_val = torch.zeros(0, dtype=torch.float64)
@@ -114,7 +116,17 @@ class LatentStats:
     @property
     def n_prompts(self) -> int:
         """One more than the largest prompt index seen."""
-        return int(self.prompt_count.numel())
+        return self._n_prompts
+
+    @property
+    def prompt_count(self) -> Int[Tensor, " n_prompts"]:
+        """Tokens seen per prompt index (a view of a buffer with spare capacity)."""
+        return self._prompt_buf[: self._n_prompts]
+
+    @prompt_count.setter
+    def prompt_count(self, value: Int[Tensor, " n_prompts"]) -> None:
+        self._prompt_buf = value.long()
+        self._n_prompts = int(value.numel())
 
     def max_location(self, latent: int) -> tuple[int, int]:
         """``(prompt, position)`` of the latent's largest activation, ``(-1, -1)`` if it never fired."""
@@ -241,14 +253,18 @@ class LatentStats:
         cur_key = torch.where(self.max_key < 0, torch.iinfo(torch.int64).max, self.max_key)
         new_key = torch.where(mk < 0, torch.iinfo(torch.int64).max, mk)
         better = (mx > self.max) | ((mx == self.max) & (mx > 0) & (new_key < cur_key))
-        self.max = torch.where(better, mx, self.max)
-        self.max_key = torch.where(better, mk, self.max_key)
+        # In place: long-lived state that is reallocated every batch fragments the heap.
+        self.max[better] = mx[better]
+        self.max_key[better] = mk[better]
 
     def _grow_prompts(self, n: int) -> None:
-        if n > self.prompt_count.numel():
-            grown = torch.zeros(n, dtype=torch.int64)
-            grown[: self.prompt_count.numel()] = self.prompt_count
-            self.prompt_count = grown
+        if n > self._prompt_buf.numel():
+            # Geometric growth: O(log n) reallocations of this long-lived buffer, not one per batch
+            # (long-lived state reallocated every batch fragments the heap and inflates peak RSS).
+            grown = torch.zeros(max(n, 2 * self._prompt_buf.numel()), dtype=torch.int64)
+            grown[: self._n_prompts] = self.prompt_count
+            self._prompt_buf = grown
+        self._n_prompts = max(self._n_prompts, n)
 
     def _chunks(self) -> list[tuple[Tensor, Tensor]]:
         if self._dirty:
