@@ -88,13 +88,13 @@ class LatentStats:
         # Per-prompt token counts live in a buffer that grows geometrically (see ``prompt_count``).
         self._prompt_buf = torch.zeros(0, dtype=torch.int64)
         self._n_prompts = 0
-        # Sparse per-prompt sums: coalesced part plus pending chunks (coalesced lazily).
-        self._pp_key = torch.zeros(0, dtype=torch.int64)  # prompt * d_sae + latent, sorted, unique
+        # Sparse per-prompt sums: a coalesced part (keys prompt * d_sae + latent, sorted, unique)
+        # plus chunks appended update by update. A prompt split across updates (a long prompt
+        # encoded in chunks, shards of the same prompts) repeats keys across chunks; readers add
+        # them up, so nothing is ever re-sorted while streaming. state_dict() coalesces.
+        self._pp_key = torch.zeros(0, dtype=torch.int64)
         self._pp_val = torch.zeros(0, dtype=torch.float64)
-        # Chunks appended batch by batch. Each batch's entries are unique; only when a prompt comes
-        # back in a later batch or shard can keys repeat ("dirty"), and only then is a sort needed.
         self._pending: list[tuple[Tensor, Tensor]] = []
-        self._dirty = False
 
     # -- derived quantities ----------------------------------------------------------------------
     @property
@@ -192,14 +192,12 @@ class LatentStats:
         # Per-prompt token counts and sparse sums.
         uniq_cpu = uniq.cpu()
         self._grow_prompts(int(uniq_cpu.max()) + 1)
-        seen_before = bool((self.prompt_count[uniq_cpu] > 0).any())
         self.prompt_count.index_add_(
             0, uniq_cpu, torch.bincount(inv.cpu(), minlength=len(uniq_cpu))
         )
         if self.track_prompts:
             rows, lat, val = pp
             self._pending.append((uniq_cpu[rows] * self.d_sae + lat, val))
-            self._dirty = self._dirty or seen_before
 
     def _dense_parts(self, acts: Tensor, key: Tensor, inv: Tensor, n_rows: int) -> tuple:
         a64 = acts.to(torch.float64)
@@ -267,20 +265,17 @@ class LatentStats:
         self._n_prompts = max(self._n_prompts, n)
 
     def _chunks(self) -> list[tuple[Tensor, Tensor]]:
-        if self._dirty:
-            self._coalesce()
         return [(self._pp_key, self._pp_val), *self._pending]
 
     def _coalesce(self) -> None:
         if not self._pending:
-            self._dirty = False
             return
         keys = torch.cat([self._pp_key, *(k for k, _ in self._pending)])
         vals = torch.cat([self._pp_val, *(v for _, v in self._pending)])
         uk, ui = torch.unique(keys, return_inverse=True)  # sorted
         self._pp_key = uk
         self._pp_val = torch.zeros(len(uk), dtype=torch.float64).index_add_(0, ui, vals)
-        self._pending, self._dirty = [], False
+        self._pending = []
 
     # -- per-prompt access -----------------------------------------------------------------------
     def prompt_sums(
@@ -305,18 +300,19 @@ class LatentStats:
         # Index temporaries are made per slice of entries, so reading a few latents out of millions of
         # (prompt, latent) entries costs O(slice) extra memory, not several copies of every entry.
         step = 1 << 18
-        for keys, vals in self._chunks():  # keys are unique across chunks (coalesced if needed)
+        for keys, vals in self._chunks():  # a key may repeat across chunks: accumulate
             for i in range(0, len(keys), step):
                 key, val = keys[i : i + step], vals[i : i + step]
                 c = col[key % self.d_sae]
                 pr = key // self.d_sae
                 keep = (c >= 0) & (pr < n_p)
-                out[pr[keep], c[keep]] = val[keep]
+                out.index_put_((pr[keep], c[keep]), val[keep], accumulate=True)
         return out
 
     @property
     def n_prompt_entries(self) -> int:
-        """How many (prompt, latent) sums are held: the memory the paired analysis costs."""
+        """How many (prompt, latent) sums are held: the memory the paired analysis costs (a prompt
+        split across updates may hold a latent in two entries until :meth:`state_dict` merges them)."""
         return sum(int(v.numel()) for _, v in self._chunks())
 
     # -- merge / persistence ---------------------------------------------------------------------
@@ -341,11 +337,9 @@ class LatentStats:
         self.fire += other.fire
         self._fold_max(other.max, other.max_key)
         self._grow_prompts(other.n_prompts)
-        shared = bool(((self.prompt_count[: other.n_prompts] > 0) & (other.prompt_count > 0)).any())
         self.prompt_count[: other.n_prompts] += other.prompt_count
         if self.track_prompts:
             self._pending.extend((k.clone(), v.clone()) for k, v in other._chunks() if len(v))
-            self._dirty = self._dirty or shared
         return self
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -390,7 +384,7 @@ class LatentStats:
         self.prompt_count = state["prompt_count"].long().clone()
         self._pp_key = state.get("pp_key", torch.zeros(0, dtype=torch.int64)).long().clone()
         self._pp_val = state.get("pp_val", torch.zeros(0, dtype=torch.float64)).double().clone()
-        self._pending, self._dirty = [], False
+        self._pending = []
 
     def copy(self) -> LatentStats:
         """An independent copy (one clone of every tensor)."""
@@ -408,7 +402,6 @@ class LatentStats:
         ):
             setattr(out, name, getattr(self, name).clone())
         out._pending = [(k.clone(), v.clone()) for k, v in self._pending]
-        out._dirty = self._dirty
         return out
 
     @classmethod
