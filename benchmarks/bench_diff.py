@@ -219,9 +219,13 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_child(n_tokens: int, uncertainty: str | None = "all") -> None:
+def memory_child(n_tokens: int, uncertainty: str | None = "all", limit_heap: bool = False) -> None:
     """Peak memory of one diff_latents run in a fresh process (VmHWM: exact, per process image)."""
     from modeldiff.diff import diff_latents
+    from modeldiff.memory import limit_heap_growth
+
+    if limit_heap and not limit_heap_growth():
+        raise SystemExit("limit_heap_growth needs glibc")
 
     # A lighter model than the throughput one: this measures what grows with tokens (the statistics),
     # and 200k tokens must stream through in about a minute on 2 cores.
@@ -270,6 +274,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory-child", type=int, default=None)
     ap.add_argument("--no-uncertainty", action="store_true", help="memory child: uncertainty=None")
+    ap.add_argument(
+        "--limit-heap", action="store_true", help="memory child: call limit_heap_growth() first"
+    )
     ap.add_argument("--memory-only", action="store_true", help="skip the throughput comparison")
     ap.add_argument("--tokens", type=int, default=3_000)
     ap.add_argument("--repeats", type=int, default=3)
@@ -278,7 +285,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.memory_child is not None:
-        memory_child(args.memory_child, None if args.no_uncertainty else "all")
+        memory_child(
+            args.memory_child, None if args.no_uncertainty else "all", limit_heap=args.limit_heap
+        )
         return
 
     print(
@@ -307,20 +316,16 @@ def main() -> None:
             print(f"  {label:27s} cpu {c[num] / c[den]:.3f}x   wall {s[num] / s[den]:.3f}x{target}")
         print(f"  max |mean ours - mean naive| = {r['max_abs_err_vs_naive']:.2e}")
 
-    # glibc's default allocator keeps freed small blocks in per-thread arenas, so RSS creeps up
-    # with the number of batches even when no data structure grows. We report it as is, and with a
-    # compact allocator (one arena, freed memory returned) to show what the data structures need.
-    compact = {
-        "MALLOC_ARENA_MAX": "1",
-        "MALLOC_TRIM_THRESHOLD_": "0",
-        "MALLOC_MMAP_THRESHOLD_": "131072",
-    }
+    # glibc raises its mmap threshold after large frees, after which large tensors come from a heap
+    # that keeps its free space and fragments as batch shapes change: RSS creeps up with the number
+    # of batches although no data structure grows. Reported as is, and with limit_heap_growth()
+    # (modeldiff.memory, opt-in), which fixes the threshold so large blocks are returned when freed.
     print(f"\n[memory] fresh process per size; {MEMORY_CONFIG}")
-    for label, extra_args, env in (
-        ("uncertainty='all', default allocator", [], {}),
-        ("uncertainty='all', compact allocator", [], compact),
-        ("uncertainty=None,  default allocator", ["--no-uncertainty"], {}),
-        ("uncertainty=None,  compact allocator", ["--no-uncertainty"], compact),
+    for label, extra_args in (
+        ("uncertainty='all', default allocator  ", []),
+        ("uncertainty='all', limit_heap_growth()", ["--limit-heap"]),
+        ("uncertainty=None,  default allocator  ", ["--no-uncertainty"]),
+        ("uncertainty=None,  limit_heap_growth()", ["--no-uncertainty", "--limit-heap"]),
     ):
         rows = []
         for n in [int(x) for x in args.memory_sizes.split(",")]:
@@ -329,7 +334,6 @@ def main() -> None:
                 capture_output=True,
                 text=True,
                 check=True,
-                env={**os.environ, **env},
             )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         first, last = rows[0], rows[-1]
@@ -342,7 +346,8 @@ def main() -> None:
             f"  {label}: peak RSS {first['peak_rss_mb']:.0f} MB ({first['tokens']} tokens) -> "
             f"{last['peak_rss_mb']:.0f} MB ({last['tokens']} tokens, {last['prompts']} prompts, "
             f"per-prompt sums {last['per_prompt_mb']:.1f} MB): growth {100 * growth:+.1f}%, "
-            f"without the per-prompt sums {100 * own:+.1f}% (target < 5%)"
+            f"without the per-prompt sums {100 * own:+.1f}% (target < 5%); "
+            f"{last['seconds']:.1f} s at {last['tokens']} tokens"
         )
 
 

@@ -22,6 +22,7 @@ from .capture import CaptureBatch, capture, collect
 # Model diffing
 from .stats import SiteStats
 from .diff import LatentDiff, LatentRecord, ResidualDiff, diff_latents, diff_residuals
+from .memory import limit_heap_growth
 
 # Interventions and generation
 from .directions import DirectionError, resolve_direction
@@ -76,6 +77,7 @@ __all__ = [
     "Site",
     "SiteError",
     "SiteStats",
+    "limit_heap_growth",
     "Steer",
     "SweepResult",
     "TokenizedPrompt",
