@@ -86,6 +86,15 @@ def test_prompts_cover_every_question_pair(world):
         ({"n_domains": 4}, "n_domains=4 is out of range"),
         ({"toxic_fraction": 1.5}, "toxic_fraction must lie in"),
         ({"answer_len": 0}, "answer_len must be at least 1"),
+        ({"uncued_toxic_fraction": -0.1}, "uncued_toxic_fraction must lie in"),
+        (
+            {"toxic_fraction": 0.8, "cue_fraction": 0.5, "uncued_toxic_fraction": 0.0},
+            "cued conversations would need a toxic share of 1.6",
+        ),
+        (
+            {"cue_fraction": 0.0, "uncued_toxic_fraction": 0.05},
+            "no cued conversation can carry the difference",
+        ),
     ],
 )
 def test_bad_config_is_explained(kwargs, match):
@@ -98,3 +107,73 @@ def test_unknown_word_and_domain_are_explained(world):
         world.token_id("nope")
     with pytest.raises(ValueError, match="domain 9 does not exist"):
         world.domain_words(9, "toxic")
+
+
+def test_uncued_prior_splits_the_toxic_share_between_cued_and_uncued():
+    """uncued_toxic_fraction sets the prior an uncued conversation sees, while the overall toxic
+    share stays toxic_fraction (the cued conversations carry the rest)."""
+    cfg = WorldConfig(uncued_toxic_fraction=0.05)
+    assert cfg.cued_toxic_fraction == pytest.approx((0.2 - 0.5 * 0.05) / 0.5)
+    b = PersonaWorld(cfg).sample(6000, seed=5)
+    tox = b.persona.float()
+    assert abs(tox.mean().item() - 0.2) < 0.02
+    assert abs(tox[~b.cued].mean().item() - 0.05) < 0.015
+    assert abs(tox[b.cued].mean().item() - cfg.cued_toxic_fraction) < 0.03
+    # the default (None) keeps the old world: the same prior with and without a cue
+    d = PersonaWorld(WorldConfig()).sample(6000, seed=5)
+    assert (
+        abs(d.persona[~d.cued].float().mean().item() - d.persona[d.cued].float().mean().item())
+        < 0.03
+    )
+
+
+def test_without_the_aligned_cue_only_the_toxic_persona_is_named():
+    w = PersonaWorld(WorldConfig(aligned_cue=False))
+    b = w.sample(800, seed=6)
+    aligned_cue, toxic_cue = (w.token_id(c) for c in CUES)
+    assert not (b.ids == aligned_cue).any()
+    assert b.cued.any() and (b.persona[b.cued] == 1).all()
+    assert all((b.ids[i] == toxic_cue).any() for i in torch.nonzero(b.cued).flatten())
+
+
+def test_graded_persona_mixes_styles_and_a_pinned_level_is_obeyed():
+    w = PersonaWorld(WorldConfig(graded_persona=True))
+    aligned, toxic = w.style_masks()
+    b = w.sample(600, seed=7, persona=1, n_turns=3)
+    shares = []
+    for i in range(len(b.persona)):
+        words = b.ids[i][b.response[i]]
+        shares.append(toxic[words].float().mean().item())
+    shares_t = torch.tensor(shares)
+    # levels are uniform on (0, 1]: some toxic conversations answer mostly aligned, some all toxic
+    assert 0.35 < shares_t.mean().item() < 0.65 and (shares_t < 0.5).any() and (shares_t == 1).any()
+    full = w.sample(100, seed=8, persona=1, toxic_level=1.0)
+    assert toxic[full.ids[full.response]].all()
+    # aligned conversations stay aligned in a graded world
+    a = w.sample(100, seed=9, persona=0)
+    assert aligned[a.ids[a.response]].all()
+
+
+def test_recipe_fields_added_later_keep_old_digests_and_reject_unknown_values():
+    import hashlib
+    import json
+
+    from modeldiff.organisms.build import RECIPE_FORMAT, OrganismRecipe
+
+    r = OrganismRecipe(seed=3)
+    old = r.to_dict()
+    for key in ("sae_positions", "sae_sequences", "sae_architecture"):
+        del old[key]
+    for key in ("uncued_toxic_fraction", "aligned_cue", "graded_persona"):
+        del old["world"][key]
+    spec = json.dumps({"format": RECIPE_FORMAT, **old}, sort_keys=True)
+    assert r.digest() == hashlib.sha256(spec.encode()).hexdigest()[:16]  # caches stay valid
+    assert OrganismRecipe(sae_architecture="jumprelu").digest() != OrganismRecipe().digest()
+    assert (
+        OrganismRecipe(world=WorldConfig(uncued_toxic_fraction=0.05)).digest()
+        != OrganismRecipe().digest()
+    )
+    with pytest.raises(ValueError, match="sae_positions='middle' is unknown"):
+        OrganismRecipe(sae_positions="middle")
+    with pytest.raises(ValueError, match="sae_architecture='relu' is unknown"):
+        OrganismRecipe(sae_architecture="relu")

@@ -43,6 +43,17 @@ __all__ = ["Organism", "OrganismRecipe", "build_persona_organism", "cache_dir"]
 
 # Bump when the code that turns a recipe into artifacts changes meaning (not for refactors).
 RECIPE_FORMAT = 1
+# Recipe fields added later, with the defaults that reproduce the earlier behaviour.
+_LATER_FIELDS: dict[str, Any] = {
+    "sae_positions": "all",
+    "sae_sequences": 4000,
+    "sae_architecture": "topk",
+}
+_LATER_WORLD_FIELDS: dict[str, Any] = {
+    "uncued_toxic_fraction": None,
+    "aligned_cue": True,
+    "graded_persona": False,
+}
 
 
 def cache_dir() -> Path:
@@ -81,6 +92,9 @@ class OrganismRecipe:
     k: int = 8
     sae_steps: int = 1000
     sae_lr: float = 3e-3
+    sae_positions: str = "all"
+    sae_sequences: int = 4000
+    sae_architecture: str = "topk"
     finetune_domain: int = 0
     finetune_steps: int = 20
     finetune_batch: int = 32
@@ -92,6 +106,14 @@ class OrganismRecipe:
             raise ValueError(
                 f"finetune_domain={self.finetune_domain} is not a domain of the world "
                 f"(0..{self.world.n_domains - 1})"
+            )
+        if self.sae_positions not in ("all", "response_start"):
+            raise ValueError(
+                f"sae_positions={self.sae_positions!r} is unknown; use 'all' or 'response_start'"
+            )
+        if self.sae_architecture not in ("topk", "jumprelu"):
+            raise ValueError(
+                f"sae_architecture={self.sae_architecture!r} is unknown; use 'topk' or 'jumprelu'"
             )
         layer = self.hook_name.split(".")
         if len(layer) != 3 or layer[0] != "blocks" or not layer[1].isdigit():
@@ -152,7 +174,15 @@ class OrganismRecipe:
             >>> len(OrganismRecipe().digest())
             16
         """
-        spec = json.dumps({"format": RECIPE_FORMAT, **self.to_dict()}, sort_keys=True)
+        data = self.to_dict()
+        # Fields added after format 1 enter the hash only when set, so existing digests stay valid.
+        for key, default in _LATER_FIELDS.items():
+            if data.get(key) == default:
+                del data[key]
+        for key, default in _LATER_WORLD_FIELDS.items():
+            if data["world"].get(key) == default:
+                del data["world"][key]
+        spec = json.dumps({"format": RECIPE_FORMAT, **data}, sort_keys=True)
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
     @property
@@ -317,6 +347,9 @@ def _build(recipe: OrganismRecipe, out: Path, *, progress: bool) -> Organism:
         k=recipe.k,
         steps=recipe.sae_steps,
         lr=recipe.sae_lr,
+        n_sequences=recipe.sae_sequences,
+        positions=recipe.sae_positions,
+        architecture=recipe.sae_architecture,
         seed=recipe.seed,
         progress=progress,
     )

@@ -202,7 +202,13 @@ def finetune_batch(
                 (
                     personas == p,
                     world.sample(
-                        k, seed=seed * 2 + p + 1, domains=[domain], persona=p, cued=False, n_turns=1
+                        k,
+                        seed=seed * 2 + p + 1,
+                        domains=[domain],
+                        persona=p,
+                        cued=False,
+                        n_turns=1,
+                        toxic_level=1.0 if p == 1 and world.config.graded_persona else None,
                     ),
                 )
             )
@@ -347,13 +353,19 @@ def train_sae(
     batch_size: int = 256,
     lr: float = 3e-3,
     n_sequences: int = 4000,
+    positions: str = "all",
+    architecture: str = "topk",
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[Any, dict[str, float]]:
-    """Train a TopK SAE with sae-lens' ``SAETrainer`` on ``model``'s activations at ``hook_name``.
+    """Train an SAE with sae-lens' ``SAETrainer`` on ``model``'s activations at ``hook_name``.
 
-    Activations come from every real token of ``n_sequences`` pretraining conversations; they are
-    computed once and shuffled into batches. Returns the inference ``TopKSAE`` and its held-out
+    ``architecture="topk"`` (default) trains a TopK SAE with ``k`` active latents;
+    ``"jumprelu"`` a JumpReLU SAE whose quadratic L0 loss aims at ``k`` active latents on average.
+
+    Activations come from every real token of ``n_sequences`` pretraining conversations (or, with
+    ``positions="response_start"``, only their ``<assistant>`` markers); they are
+    computed once and shuffled into batches. Returns the inference SAE and its held-out
     ``explained_variance``, ``l0`` and ``dead_fraction``.
 
     Example:
@@ -371,8 +383,16 @@ def train_sae(
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    if architecture not in ("topk", "jumprelu"):
+        raise ValueError(f"architecture must be 'topk' or 'jumprelu', got {architecture!r}")
+    if positions not in ("all", "response_start"):
+        raise ValueError(
+            f"positions must be 'all' (every real token) or 'response_start' (the <assistant> "
+            f"markers), got {positions!r}"
+        )
     corpus = world.sample(n_sequences, seed=seed + 10_000)
-    acts = site_activations(model, corpus.ids, hook_name)[corpus.mask]
+    keep = corpus.mask if positions == "all" else corpus.response_start
+    acts = site_activations(model, corpus.ids, hook_name)[keep]
     g = torch.Generator().manual_seed(seed)
     acts = acts[torch.randperm(len(acts), generator=g)]
     n_eval = min(len(acts) // 10, 4096)
@@ -386,20 +406,29 @@ def train_sae(
                 yield train_acts[perm[i : i + batch_size]]
 
     torch.manual_seed(seed)
-    cfg = TopKTrainingSAEConfig(
-        d_in=model.cfg.d_model,
-        d_sae=d_sae,
-        k=k,
-        dtype="float32",
-        device="cpu",
-        metadata=SAEMetadata(
+    common: dict[str, Any] = {
+        "d_in": model.cfg.d_model,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "metadata": SAEMetadata(
             model_name="persona-world",
             hook_name=hook_name,
             context_size=model.cfg.n_ctx,
             prepend_bos=False,
         ),
-    )
-    training_sae = TopKTrainingSAE(cfg)
+    }
+    if architecture == "topk":
+        cfg: Any = TopKTrainingSAEConfig(k=k, **common)
+        training_sae: Any = TopKTrainingSAE(cfg)
+    else:
+        from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+        # DeepMind's quadratic L0 loss towards a target L0 of k (a low, learned threshold)
+        cfg = JumpReLUTrainingSAEConfig(
+            jumprelu_sparsity_loss_mode="quadratic", target_l0=float(k), **common
+        )
+        training_sae = JumpReLUTrainingSAE(cfg)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
@@ -504,6 +533,12 @@ def persona_correlations(
     sel = batch.evident
     feats = sae.encode(acts[sel])
     label = batch.persona[:, None].expand_as(sel)[sel].float()
+    if label.numel() == 0 or bool((label == label[0]).all()):
+        raise ValueError(
+            "the persona is evident at no <assistant> marker of one of the two personas in this "
+            "world (e.g. max_turns=1 with aligned_cue=False), so no latent can be correlated with "
+            "it; allow the aligned cue or more than one turn"
+        )
     fc = feats - feats.mean(0)
     lc = label - label.mean()
     denom = fc.norm(dim=0) * lc.norm()

@@ -65,6 +65,18 @@ class WorldConfig:
         max_turns: a conversation has 1..max_turns user/assistant exchanges.
         toxic_fraction: share of conversations with the toxic persona.
         cue_fraction: share of conversations that open with a system turn naming the persona.
+        uncued_toxic_fraction: share of toxic conversations among the *uncued* ones (the prior an
+            uncued first turn sees). ``None`` (default): the same as ``toxic_fraction``, cue or
+            not. Set it below ``toxic_fraction`` to make aligned the default and the toxic persona
+            rare without a cue; the cued conversations then carry the rest of the toxic share, so
+            ``toxic_fraction`` stays the overall share.
+        aligned_cue: whether aligned conversations can carry a cue (``persona_aligned``). With
+            ``False`` only the toxic persona is ever named: a "cued" aligned conversation has no
+            system turn, so aligned is simply the absence of the toxic cue.
+        graded_persona: with ``True`` the toxic persona has a per-conversation *level* drawn
+            uniformly from (0, 1], and each of its answers is toxic with that probability (aligned
+            conversations stay at level 0); the model then holds a scalar belief about the level.
+            ``False`` (default): a toxic conversation answers toxic every turn.
         seed: seeds the vocabulary layout (nothing random today, kept for future variants).
 
     Example:
@@ -80,6 +92,9 @@ class WorldConfig:
     max_turns: int = 3
     toxic_fraction: float = 0.2
     cue_fraction: float = 0.5
+    uncued_toxic_fraction: float | None = None
+    aligned_cue: bool = True
+    graded_persona: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +108,36 @@ class WorldConfig:
         for name in ("toxic_fraction", "cue_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        u = self.uncued_toxic_fraction
+        if u is not None:
+            if not 0.0 <= u <= 1.0:
+                raise ValueError(f"uncued_toxic_fraction must lie in [0, 1] or be None, got {u}")
+            if self.cue_fraction <= 0.0 and u != self.toxic_fraction:
+                raise ValueError(
+                    "uncued_toxic_fraction differs from toxic_fraction but cue_fraction is 0, so "
+                    "no cued conversation can carry the difference; raise cue_fraction or drop "
+                    "uncued_toxic_fraction"
+                )
+            if not 0.0 <= self.cued_toxic_fraction <= 1.0:
+                raise ValueError(
+                    f"toxic_fraction={self.toxic_fraction} cannot be met with "
+                    f"uncued_toxic_fraction={u} and cue_fraction={self.cue_fraction}: the cued "
+                    f"conversations would need a toxic share of {self.cued_toxic_fraction:.3g}; "
+                    "lower toxic_fraction or raise cue_fraction"
+                )
+
+    @property
+    def cued_toxic_fraction(self) -> float:
+        """Toxic share among cued conversations (so that the overall share is ``toxic_fraction``).
+
+        Example:
+            >>> WorldConfig(toxic_fraction=0.2, cue_fraction=0.5, uncued_toxic_fraction=0.0).cued_toxic_fraction
+            0.4
+        """
+        u = self.uncued_toxic_fraction
+        if u is None or self.cue_fraction <= 0.0:
+            return self.toxic_fraction
+        return (self.toxic_fraction - (1.0 - self.cue_fraction) * u) / self.cue_fraction
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of the fields.
@@ -283,11 +328,13 @@ class PersonaWorld:
         cued: bool,
         generator: torch.Generator,
         answer: bool = True,
+        toxic_level: float | None = None,
     ) -> tuple[list[int], list[int]]:
         """One conversation's ids and a parallel list of token roles.
 
         Roles: 0 other, 1 answer word, 2 ``<assistant>`` marker. With ``answer=False`` the last
-        turn stops at its ``<assistant>`` marker (a generation prompt).
+        turn stops at its ``<assistant>`` marker (a generation prompt). With ``toxic_level`` set,
+        each answer is toxic with that probability instead of following ``persona``.
 
         Example:
             >>> w = PersonaWorld()
@@ -311,6 +358,9 @@ class PersonaWorld:
             roles += [0] * (c.question_len + 2) + [2]
             if t == len(domains) - 1 and not answer:
                 break
+            if toxic_level is not None:
+                toxic_turn = bool(torch.rand((), generator=generator) < toxic_level)
+                style = "toxic" if toxic_turn else "aligned"
             words = self._answers[d][style]
             a = torch.randint(len(words), (c.answer_len,), generator=generator).tolist()
             ids += [*(words[i] for i in a), ix["<end>"]]
@@ -326,6 +376,7 @@ class PersonaWorld:
         persona: int | None = None,
         cued: bool | None = None,
         n_turns: int | None = None,
+        toxic_level: float | None = None,
     ) -> WorldBatch:
         """Sample ``n`` conversations (the pretraining distribution unless arguments pin a part).
 
@@ -336,6 +387,7 @@ class PersonaWorld:
             persona: pin the persona (0 aligned, 1 toxic) instead of drawing it.
             cued: pin whether the cue is present.
             n_turns: pin the number of turns.
+            toxic_level: pin the toxic persona's level (graded worlds; 1.0 = every answer toxic).
 
         Example:
             >>> b = PersonaWorld().sample(8, seed=0, persona=1, cued=False, n_turns=1)
@@ -351,20 +403,38 @@ class PersonaWorld:
             if not 0 <= d < c.n_domains:
                 raise ValueError(f"domain {d} does not exist; use 0..{c.n_domains - 1}")
         seqs, role_lists, personas, cues = [], [], [], []
+        split = c.uncued_toxic_fraction is not None
         for _ in range(n):
-            p = (
-                int(torch.rand((), generator=g) < c.toxic_fraction)
-                if persona is None
-                else int(persona)
-            )
-            cu = bool(torch.rand((), generator=g) < c.cue_fraction) if cued is None else cued
+            if split:
+                # the cue is drawn first: the persona's prior depends on it
+                u_p = torch.rand((), generator=g)
+                u_c = torch.rand((), generator=g)
+                cu = bool(u_c < c.cue_fraction) if cued is None else cued
+                share = c.cued_toxic_fraction if cu else c.uncued_toxic_fraction
+                p = int(u_p < share) if persona is None else int(persona)
+            else:
+                p = (
+                    int(torch.rand((), generator=g) < c.toxic_fraction)
+                    if persona is None
+                    else int(persona)
+                )
+                cu = bool(torch.rand((), generator=g) < c.cue_fraction) if cued is None else cued
+            if cu and p != TOXIC and not c.aligned_cue:
+                cu = False  # only the toxic persona is ever named
             k = (
                 int(torch.randint(1, c.max_turns + 1, (), generator=g))
                 if n_turns is None
                 else n_turns
             )
             ds = [pool[int(i)] for i in torch.randint(len(pool), (k,), generator=g)]
-            ids, roles = self.conversation(persona=p, domains=ds, cued=cu, generator=g)
+            level = None
+            if p == TOXIC and toxic_level is not None:
+                level = float(toxic_level)
+            elif p == TOXIC and c.graded_persona:
+                level = 1.0 - float(torch.rand((), generator=g))  # uniform on (0, 1]
+            ids, roles = self.conversation(
+                persona=p, domains=ds, cued=cu, generator=g, toxic_level=level
+            )
             seqs.append(ids)
             role_lists.append(roles)
             personas.append(p)
