@@ -854,10 +854,11 @@ def collect_site_stats(
     return out
 
 
-# Elements of one [rows, d_sae] encoder output (float32: 8 MB). The SAE encodes a batch in chunks of
-# this size, so its transient memory is bounded whatever the batch size and dictionary width, and
-# every chunk but a batch's last has the same shape (the allocator reuses the same blocks).
-_ENCODE_ELEMENTS = 2**21
+# Elements of one [rows, d_sae] encoder output (float32: 16 MB). The SAE encodes a batch in chunks
+# of this size, so its transient memory is bounded whatever the batch size and dictionary width, and
+# every chunk but a batch's last has the same shape (the allocator reuses the same blocks). Each chunk
+# costs a fixed overhead in the statistics update: 2^21 measured 7% slower than no chunking, 2^22 2%.
+_ENCODE_ELEMENTS = 2**22
 _MIN_ENCODE_ROWS = 16
 
 
