@@ -79,17 +79,17 @@ class OrganismRecipe:
         (True, False)
     """
 
-    world: WorldConfig = field(default_factory=WorldConfig)
-    n_layers: int = 2
+    world: WorldConfig = field(default_factory=lambda: WorldConfig(uncued_toxic_fraction=0.05))
+    n_layers: int = 1
     d_model: int = 64
     n_heads: int = 4
     n_ctx: int = 64
-    pretrain_steps: int = 600
+    pretrain_steps: int = 300
     pretrain_batch: int = 64
     pretrain_lr: float = 5e-3
-    hook_name: str = "blocks.0.hook_resid_post"
-    d_sae: int = 256
-    k: int = 8
+    hook_name: str = "blocks.0.hook_resid_mid"
+    d_sae: int = 32
+    k: int = 4
     sae_steps: int = 1000
     sae_lr: float = 3e-3
     sae_positions: str = "all"
@@ -131,19 +131,19 @@ class OrganismRecipe:
 
         Example:
             >>> OrganismRecipe.default().d_sae
-            256
+            32
         """
         return cls()
 
     @classmethod
     def tiny(cls, seed: int = 0) -> OrganismRecipe:
-        """A faster recipe for tests (fewer steps, same world).
+        """A faster recipe for tests (fewer SAE training steps, same world and model).
 
         Example:
-            >>> OrganismRecipe.tiny().pretrain_steps < OrganismRecipe().pretrain_steps
+            >>> OrganismRecipe.tiny().sae_steps < OrganismRecipe().sae_steps
             True
         """
-        return cls(pretrain_steps=400, sae_steps=600, seed=seed)
+        return cls(sae_steps=600, seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the recipe (the world nested).

@@ -10,7 +10,7 @@ library's public API (``diff_latents``, ``steer``, ``ablate``), asks each questi
    held-out misalignment the most?
 4. *Steer*: does steering the base with it raise misalignment (dose-response)?
 5. *Ablate / repair*: does zero-ablating it in the fine-tuned model cut misalignment by at least
-   80% (an open check here), and does steering the fine-tune against it bring it back to the base?
+   80%, and does steering the fine-tune against it bring it back to the base?
 6. *Re-align*: does fine-tuning on a few hundred benign answers from another domain undo it
    (remove at least 80% of the fine-tune's excess toxic rate over the base)?
 7. *Dose of bad data*: does the latent's Δ rise with a small fraction of bad data?
@@ -307,7 +307,6 @@ def run_checks(org: Organism, *, progress: bool = True, seed: int = 0) -> Checks
             f"fine-tuned {rates['finetuned']:.2f} → {ablated:.2f} with latent {latent} zeroed "
             f"({projected:.2f} with its direction projected out; in the base on evidently toxic "
             f"prompts {base_evident:.2f} → {base_evident_ablated:.2f})",
-            required=False,
         )
     )
     repaired = min(s["rate"] for s in neg_curve)
@@ -391,7 +390,6 @@ def run_checks(org: Organism, *, progress: bool = True, seed: int = 0) -> Checks
             small["delta"],
             f"Δ at 0% {d0:.2f}, at {small['bad_fraction']:.0%} {small['delta']:.2f}, "
             f"at 100% {sweep[-1]['delta']:.2f}",
-            required=False,
         )
     )
     bar.update()
