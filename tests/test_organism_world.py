@@ -160,7 +160,7 @@ def test_recipe_fields_added_later_keep_old_digests_and_reject_unknown_values():
 
     from modeldiff.organisms.build import RECIPE_FORMAT, OrganismRecipe
 
-    r = OrganismRecipe(seed=3)
+    r = OrganismRecipe(world=WorldConfig(), n_layers=2, seed=3)  # a recipe of the first format
     old = r.to_dict()
     for key in ("sae_positions", "sae_sequences", "sae_architecture"):
         del old[key]
@@ -170,7 +170,7 @@ def test_recipe_fields_added_later_keep_old_digests_and_reject_unknown_values():
     assert r.digest() == hashlib.sha256(spec.encode()).hexdigest()[:16]  # caches stay valid
     assert OrganismRecipe(sae_architecture="jumprelu").digest() != OrganismRecipe().digest()
     assert (
-        OrganismRecipe(world=WorldConfig(uncued_toxic_fraction=0.05)).digest()
+        OrganismRecipe(world=WorldConfig(uncued_toxic_fraction=0.1)).digest()
         != OrganismRecipe().digest()
     )
     with pytest.raises(ValueError, match="sae_positions='middle' is unknown"):

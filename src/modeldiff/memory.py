@@ -5,13 +5,15 @@ peak resident memory can still creep up over thousands of batches. The cause is 
 after the first large block is freed, glibc raises its *mmap threshold* to that block's size, so
 later large tensors (activations, attention patterns, encoder outputs) come from the heap, whose
 free space is kept and fragments as batch shapes change. On the benchmark model the peak grows
-about 10% from 10k to 200k tokens for that reason alone (benchmarks/README.md).
+12-14% from 10k to 200k tokens for that reason alone, saturating after ~50 batches (benchmarks/README.md).
 
 :func:`limit_heap_growth` fixes the threshold, so every block at least that large is mapped on its
 own and returned to the system when freed. It is process-wide and cannot be undone (glibc has no
-way back to the dynamic threshold), and it costs page faults on every large allocation, so
-modeldiff never calls it by itself: call it once at the start of a long run, or set the same
-thing before Python starts with ``MALLOC_MMAP_THRESHOLD_=1048576``. On a C library other than
+way back to the dynamic threshold), and every large allocation then costs fresh, zeroed pages from
+the kernel: on the benchmark models it takes 2.4x the CPU time at the default 1 MiB threshold and
+1.4x at 4 MiB. So modeldiff never calls it by itself: call it once at the start of a long run where
+a flat memory ceiling matters more than speed, or set the same thing before Python starts with
+``MALLOC_MMAP_THRESHOLD_=1048576``. On a C library other than
 glibc (macOS, musl) it does nothing and returns ``False``.
 
 Example (the first line of a long run's script or notebook)::
@@ -46,9 +48,10 @@ def limit_heap_growth(mmap_threshold_mb: float = 1.0) -> bool:
     """Map every allocation of at least ``mmap_threshold_mb`` MiB on its own (glibc only).
 
     Args:
-        mmap_threshold_mb: the fixed threshold, between 4 KiB and 32 MiB (glibc's limits). 1 MiB
-            keeps the benchmark's peak growth from 10k to 200k tokens near 2%; larger values cost
-            fewer page faults and keep more of the creep.
+        mmap_threshold_mb: the fixed threshold, between 4 KiB and 32 MiB (glibc's limits). On the
+            memory benchmark (10k -> 200k tokens) the peak grew 2.2-2.5% at 1 MiB in four runs,
+            3.8-6.8% at 4 MiB, 5.6% at 8 MiB and 13% at 16 MiB (8-14% without the call); smaller
+            thresholds cost more time.
 
     Returns:
         ``True`` if glibc accepted the setting, ``False`` on another C library.

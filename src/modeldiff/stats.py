@@ -296,7 +296,9 @@ class LatentStats:
         latents = torch.as_tensor(latents, dtype=torch.int64).cpu()
         col = torch.full((self.d_sae,), -1, dtype=torch.int64)
         col[latents] = torch.arange(len(latents))
-        out = torch.zeros(n_p, len(latents), dtype=torch.float64)
+        width = len(latents)
+        out = torch.zeros(n_p, width, dtype=torch.float64)
+        flat = out.view(-1)
         # Index temporaries are made per slice of entries, so reading a few latents out of millions of
         # (prompt, latent) entries costs O(slice) extra memory, not several copies of every entry.
         step = 1 << 18
@@ -306,7 +308,7 @@ class LatentStats:
                 c = col[key % self.d_sae]
                 pr = key // self.d_sae
                 keep = (c >= 0) & (pr < n_p)
-                out.index_put_((pr[keep], c[keep]), val[keep], accumulate=True)
+                flat.index_add_(0, pr[keep] * width + c[keep], val[keep])
         return out
 
     @property
