@@ -141,11 +141,16 @@ def _delta(data: dict[str, Any], diff: Any) -> str | None:
         parts.append(_fig_html(fig))
     if data.get("screen"):
         s = data["screen"]
-        fig = go.Figure(
-            go.Bar(x=[f"latent {x['latent']} (#{x['rank']})" for x in s], y=[x["rate"] for x in s])
-        )
+        labels = [f"latent {x['latent']} (#{x['rank']})" for x in s]
+        fig = go.Figure(go.Bar(x=labels, y=[x["rate"] for x in s], name="base steered along it"))
+        if all("repair_rate" in x for x in s):
+            fig.add_trace(
+                go.Bar(
+                    x=labels, y=[x["repair_rate"] for x in s], name="fine-tune steered against it"
+                )
+            )
         fig.update_layout(
-            title="Causal screen: held-out toxic rate when steering the base along each candidate",
+            title="Causal screen: held-out toxic rate when steering along each candidate",
             yaxis_title="toxic rate",
             height=380,
             template="plotly_white",
