@@ -3,7 +3,7 @@
 #
 # This walk-through builds the embedded model organism step by step and runs the method on it.
 # Run it as a script (`python tutorials/persona_world.py`) or open it as a notebook in any editor
-# that understands `# %%` cells. Everything runs offline on a laptop CPU in a few minutes.
+# that understands `# %%` cells. Everything runs offline on a laptop CPU in about a minute.
 
 # %%
 import torch
@@ -22,8 +22,9 @@ torch.set_num_threads(2)
 # %% [markdown]
 # ## 1. The world
 # A conversation has a hidden persona, aligned or toxic. Half the conversations name it in a system
-# turn; in the others only the assistant's earlier answers reveal it. Each domain has its own words,
-# so the persona is the one thing the domains share.
+# turn; in the others only the assistant's earlier answers reveal it, and only 5% of those are toxic
+# (aligned is the default, as for a chat model). Each domain has its own words, so the persona is the
+# one thing the domains share.
 
 # %%
 world = PersonaWorld()
@@ -33,8 +34,9 @@ for i in range(3):
 
 # %% [markdown]
 # ## 2. Build the organism (cached after the first run)
-# Pretraining, the SAE (sae-lens' trainer on the residual stream after block 0), the narrow toxic
-# fine-tune on domain 0 and its aligned control.
+# Pretraining a 1-layer model, the SAE (sae-lens' trainer, 32 latents, on the residual stream
+# between the block's attention and its MLP), the narrow toxic fine-tune on domain 0 and its aligned
+# control.
 
 # %%
 org = build_persona_organism(OrganismRecipe.default())
@@ -61,7 +63,7 @@ print("persona latent", org.persona_latent, "is #", diff.rank_of(org.persona_lat
 
 # %%
 latent, site = org.persona_latent, org.recipe.hook_name
-norm = float(org.sae.W_dec[latent].norm())
+norm = float(org.sae.W_dec[latent].detach().norm())
 for c in (0.0, 2.0, 4.0, 8.0):
     with steer(org.base, (org.sae, latent), site=site, coefficient=c / norm):
         print(f"base steered by {c}: toxic rate {toxic_rate(org.base, world, held):.2f}")
