@@ -4,8 +4,9 @@
 peak resident memory can still creep up over thousands of batches. The cause is glibc, not data:
 after the first large block is freed, glibc raises its *mmap threshold* to that block's size, so
 later large tensors (activations, attention patterns, encoder outputs) come from the heap, whose
-free space is kept and fragments as batch shapes change. On the benchmark model the peak grows
-12-14% from 10k to 200k tokens for that reason alone, saturating after ~50 batches (benchmarks/README.md).
+free space is kept and fragments as batch shapes change. On the memory benchmark the peak grew
+by +4% to +14% (erratic, run to run) from 10k to 200k tokens for that reason alone, saturating
+after ~50 batches (benchmarks/README.md).
 
 :func:`limit_heap_growth` fixes the threshold, so every block at least that large is mapped on its
 own and returned to the system when freed. It is process-wide and cannot be undone (glibc has no
@@ -50,7 +51,7 @@ def limit_heap_growth(mmap_threshold_mb: float = 1.0) -> bool:
     Args:
         mmap_threshold_mb: the fixed threshold, between 4 KiB and 32 MiB (glibc's limits). On the
             memory benchmark (10k -> 200k tokens) the peak grew 2.2-2.5% at 1 MiB in four runs,
-            3.8-6.8% at 4 MiB, 5.6% at 8 MiB and 13% at 16 MiB (8-14% without the call); smaller
+            3.8-6.8% at 4 MiB, 5.6% at 8 MiB and 13% at 16 MiB (4-14% without the call); smaller
             thresholds cost more time.
 
     Returns:

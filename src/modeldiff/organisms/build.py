@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeldiff.organisms.training import (
+    check_sae_options,
     finetune,
     new_model,
     persona_correlations,
@@ -107,14 +108,11 @@ class OrganismRecipe:
                 f"finetune_domain={self.finetune_domain} is not a domain of the world "
                 f"(0..{self.world.n_domains - 1})"
             )
-        if self.sae_positions not in ("all", "response_start"):
-            raise ValueError(
-                f"sae_positions={self.sae_positions!r} is unknown; use 'all' or 'response_start'"
-            )
-        if self.sae_architecture not in ("topk", "jumprelu"):
-            raise ValueError(
-                f"sae_architecture={self.sae_architecture!r} is unknown; use 'topk' or 'jumprelu'"
-            )
+        check_sae_options(
+            self.sae_positions,
+            self.sae_architecture,
+            names=("sae_positions", "sae_architecture"),
+        )
         layer = self.hook_name.split(".")
         if len(layer) != 3 or layer[0] != "blocks" or not layer[1].isdigit():
             raise ValueError(

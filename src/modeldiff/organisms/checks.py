@@ -256,18 +256,19 @@ def run_checks(org: Organism, *, progress: bool = True, seed: int = 0) -> Checks
     ]
     data["screen"] = screen
     data["screen_coefficient"] = screen_coef
-    first = screen[0]["latent"] if screen else -1
+    top = screen[0]  # never empty: the diff's top-k holds min(k, d_sae) >= 1 latents
+    runner_up = (
+        f"next: latent {screen[1]['latent']}, mean effect {screen[1]['effect']:.2f}"
+        if len(screen) > 1
+        else "no other candidate"
+    )
     checks.append(
         Check(
             "causal screen picks the persona",
-            first == latent,
-            float(screen[0]["effect"]) if screen else float("nan"),
-            f"steering at ±{screen_coef}×median norm, top latent {first}: base → "
-            f"{screen[0]['rate']:.2f}, fine-tuned → {screen[0]['repair_rate']:.2f} (next: latent "
-            f"{screen[1]['latent'] if len(screen) > 1 else '-'}, mean effect "
-            f"{screen[1]['effect'] if len(screen) > 1 else float('nan'):.2f})"
-            if screen
-            else "no candidates",
+            top["latent"] == latent,
+            float(top["effect"]),
+            f"steering at ±{screen_coef}×median norm, top latent {top['latent']}: base → "
+            f"{top['rate']:.2f}, fine-tuned → {top['repair_rate']:.2f} ({runner_up})",
         )
     )
     bar.update()

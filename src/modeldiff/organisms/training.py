@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from modeldiff.organisms.world import PersonaWorld, WorldBatch
 
 __all__ = [
+    "check_sae_options",
     "finetune",
     "finetune_batch",
     "new_model",
@@ -342,6 +343,26 @@ def site_activations(
     return torch.cat(outs)
 
 
+def check_sae_options(
+    positions: str, architecture: str, *, names: tuple[str, str] = ("positions", "architecture")
+) -> None:
+    """Reject an SAE training option :func:`train_sae` does not know, naming the field and the choices.
+
+    Example:
+        >>> check_sae_options("all", "relu")
+        Traceback (most recent call last):
+        ...
+        ValueError: architecture='relu' is unknown; use 'topk' or 'jumprelu'
+    """
+    if positions not in ("all", "response_start"):
+        raise ValueError(
+            f"{names[0]}={positions!r} is unknown; use 'all' (every real token) or "
+            "'response_start' (the <assistant> markers)"
+        )
+    if architecture not in ("topk", "jumprelu"):
+        raise ValueError(f"{names[1]}={architecture!r} is unknown; use 'topk' or 'jumprelu'")
+
+
 def train_sae(
     model: Any,
     world: PersonaWorld,
@@ -383,13 +404,7 @@ def train_sae(
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    if architecture not in ("topk", "jumprelu"):
-        raise ValueError(f"architecture must be 'topk' or 'jumprelu', got {architecture!r}")
-    if positions not in ("all", "response_start"):
-        raise ValueError(
-            f"positions must be 'all' (every real token) or 'response_start' (the <assistant> "
-            f"markers), got {positions!r}"
-        )
+    check_sae_options(positions, architecture)
     corpus = world.sample(n_sequences, seed=seed + 10_000)
     keep = corpus.mask if positions == "all" else corpus.response_start
     acts = site_activations(model, corpus.ids, hook_name)[keep]
