@@ -210,3 +210,18 @@ def test_smollm2_resid_post_matches_hf_hidden_states(smollm2, smollm2_path):
             torch.testing.assert_close(
                 got[site][i], hidden[site.layer + 1][0], atol=1e-4, rtol=1e-4
             )
+
+
+def test_the_stream_holds_no_reference_to_a_yielded_batch(tiny_ht):
+    """Dropping a batch frees its activations at once, even while the stream is suspended: a
+    consumer that folds each batch into statistics holds one batch of activations, never two."""
+    import weakref
+
+    stream = capture(
+        tiny_ht, ["Hello world", "The quick fox", "a b"], SITES, batch_size=1, progress=False
+    )
+    b = next(stream)
+    refs = [weakref.ref(b.acts[s]) for s in SITES]
+    del b
+    assert [r() for r in refs] == [None] * len(SITES)
+    assert len(list(stream)) == 2

@@ -330,6 +330,62 @@ def test_hooks_are_cleaned_up_after_an_error(tiny_ht, monkeypatch):
     assert {name: len(hp.fwd_hooks) for name, hp in tiny_ht.hook_dict.items()} == before
 
 
+@pytest.mark.parametrize("run", ["diff_latents", "collect_site_stats", "diff_residuals"])
+def test_a_batch_is_released_before_the_next_forward(run, tiny_ht, planted, sae, monkeypatch):
+    """The captured activations of batch i are freed before batch i+1's forward starts, so a pass
+    holds one batch of captures at a time, not two (the consumer's loop variable, zip's result
+    tuple, tqdm's generator and capture's own frame each used to keep the previous batch)."""
+    import weakref
+
+    import modeldiff.diff as diff_module
+    from modeldiff.stats import VectorStats
+
+    refs: list[weakref.ref] = []
+    alive_at_forward: list[int] = []
+    if run == "diff_residuals":  # it folds the captured activations into VectorStats
+        update = VectorStats.update
+
+        def recording_update(self, x):
+            refs.append(weakref.ref(x))
+            update(self, x)
+
+        monkeypatch.setattr(VectorStats, "update", recording_update)
+    else:
+        encode_into = diff_module._encode_into
+
+        def recording(stats, sae_, x, prompt_index, position):
+            refs.append(weakref.ref(x))
+            encode_into(stats, sae_, x, prompt_index, position)
+
+        monkeypatch.setattr(diff_module, "_encode_into", recording)
+
+    def probe(x, hook):
+        alive_at_forward.append(sum(r() is not None for r in refs))
+
+    handle = add_hook(tiny_ht, "hook_embed", probe)
+    try:
+        if run == "diff_latents":
+            diff_latents(
+                tiny_ht,
+                planted[0],
+                sae,
+                PROMPTS[:4],
+                batch_size=1,
+                uncertainty=None,
+                progress=False,
+            )
+        elif run == "collect_site_stats":
+            collect_site_stats(tiny_ht, sae, PROMPTS[:4], batch_size=1, progress=False)
+        else:
+            diff_residuals(
+                tiny_ht, planted[0], PROMPTS[:4], layers=[0, 1], batch_size=1, progress=False
+            )
+    finally:
+        handle.remove()
+    assert len(alive_at_forward) == 4 and len(refs) >= 4  # one forward of tiny_ht per batch
+    assert alive_at_forward == [0, 0, 0, 0]
+
+
 def test_diff_residuals_locates_the_planted_layer(tiny_ht, planted):
     r = diff_residuals(tiny_ht, planted[0], PROMPTS[:4], positions="all", progress=False)
     assert r.norm[Site.resid_post(0)] == 0.0

@@ -177,8 +177,10 @@ def _stream(
                     stop_at=deepest,
                     attention_mask=mask.to(device),
                 )
+            # pop: while suspended here the generator holds none of the batch's activations, so the
+            # consumer alone decides when they are freed (before the next forward, if it drops them).
             yield CaptureBatch(
-                acts={s: got[s] for s in sites},
+                acts={s: got.pop(s) for s in sites},
                 prompt_index=torch.as_tensor(idx, dtype=torch.long)[rows],
                 position=pos,
                 token=toks[rows, cols],

@@ -851,6 +851,7 @@ def collect_site_stats(
     with torch.inference_mode():
         for b in stream:
             _encode_into(out, sae, b.acts[site], b.prompt_index + prompt_offset, b.position)
+            del b  # free this batch's activations before the next forward
     return out
 
 
@@ -967,10 +968,15 @@ def diff_latents(
     )
     stream_b = capture(base, prompts, site, **common)
     stream_f = capture(finetuned, prompts, site, **common)
-    with torch.inference_mode():
-        for bb, bf in tqdm(
-            zip(stream_b, stream_f), total=n_batches, desc="diff_latents", disable=not progress
-        ):
+    # Each batch is dropped before the next forwards start, so a pass holds one batch of captured
+    # activations at a time: no zip() (it keeps its last result tuple until both streams have
+    # produced the next one) and no iterating through tqdm (its generator holds the last item).
+    with (
+        torch.inference_mode(),
+        tqdm(total=n_batches, desc="diff_latents", disable=not progress) as bar,
+    ):
+        for bb in stream_b:
+            bf = next(stream_f)
             if not (
                 torch.equal(bb.prompt_index, bf.prompt_index)
                 and torch.equal(bb.position, bf.position)
@@ -980,6 +986,8 @@ def diff_latents(
                 )
             _encode_into(stats_b, sae, bb.acts[site], bb.prompt_index, bb.position)
             _encode_into(stats_f, sae, bf.acts[site], bf.prompt_index, bf.position)
+            del bb, bf
+            bar.update()
     meta = {
         "positions": positions if isinstance(positions, str) else "explicit",
         "include_bos": include_bos,
@@ -1103,6 +1111,7 @@ def diff_residuals(
         ):
             for s in sites:
                 acc[name][s].update(b.acts[s])
+            del b  # free this batch's activations before the next forward
     delta, norm, rel = {}, {}, {}
     for s in sites:
         d = acc["finetuned"][s].mean - acc["base"][s].mean
