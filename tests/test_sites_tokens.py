@@ -82,6 +82,34 @@ def test_tokenization_errors(tokenizer):
         select_positions([tp], [[0], [1]])
 
 
+def test_named_selections_are_ranges_with_the_naive_content():
+    """Named selections are ranges (constant memory per prompt at any length) holding exactly the
+    positions a naive per-token rule picks: BOS dropped unless asked for, prompt / response split."""
+    prompts = [
+        TokenizedPrompt(tuple(range(10, 10 + n)), p, bos)
+        for n, p, bos in [(6, 4, True), (6, 4, False), (3, 1, True), (5, 5, True), (2, 0, False)]
+    ]
+    rules = {
+        "all": lambda j, tp: True,
+        "prompt": lambda j, tp: j < tp.n_prompt,
+        "response": lambda j, tp: j >= tp.n_prompt,
+        "last_prompt": lambda j, tp: j == tp.n_prompt - 1,
+    }
+    for name, rule in rules.items():
+        for include_bos in (False, True):
+            got = select_positions(prompts, name, include_bos=include_bos)
+            assert all(isinstance(sel, range) for sel in got)
+            naive = [
+                [
+                    j
+                    for j in range(len(tp))
+                    if rule(j, tp) and (include_bos or not (j == 0 and tp.has_bos))
+                ]
+                for tp in prompts
+            ]
+            assert [list(sel) for sel in got] == naive, (name, include_bos)
+
+
 def test_pad_batch_sides():
     toks, mask, off = pad_batch([[4, 5, 6], [7]], pad=0, side="right")
     assert toks.tolist() == [[4, 5, 6], [7, 0, 0]] and off.tolist() == [0, 0]

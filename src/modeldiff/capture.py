@@ -91,6 +91,9 @@ def capture(
 ) -> Iterator[CaptureBatch]:
     """Yield the activations of the selected tokens at ``sites``, one batch of prompts at a time.
 
+    The stream keeps no reference to a batch it has yielded, so a consumer that drops each batch
+    (``del b`` at the end of a loop body) holds one batch of activations at a time.
+
     Args:
         model: a HookedTransformer or TransformerBridge with a tokenizer (see ``load_model``).
         prompts: strings, chat message lists, ``(prompt, response)`` pairs or token ids.
@@ -138,7 +141,7 @@ def capture(
 def _stream(
     model: Any,
     tokenized: Sequence[TokenizedPrompt],
-    selections: list[list[int]],
+    selections: Sequence[Sequence[int]],
     sites: list[Site],
     batch_size: int,
     padding_side: str,

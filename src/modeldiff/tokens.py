@@ -220,17 +220,21 @@ def select_positions(
     positions: Positions = "all",
     *,
     include_bos: bool = False,
-) -> list[list[int]]:
+) -> list[Sequence[int]]:
     """Which token positions of each prompt to use. Pad tokens never appear (they are not in ``ids``).
+
+    A named selection is a ``range`` per prompt (a contiguous run costs the same few bytes at any
+    length, so a long run's bookkeeping does not grow with its tokens); explicit selections come
+    back as sorted lists.
 
     Example:
         >>> tp = TokenizedPrompt(ids=(1, 7, 8, 9), n_prompt=3, has_bos=True)
         >>> select_positions([tp], "prompt"), select_positions([tp], "response")
-        ([[1, 2]], [[3]])
-        >>> select_positions([tp], "last_prompt", include_bos=True)
-        [[2]]
+        ([range(1, 3)], [range(3, 4)])
+        >>> list(select_positions([tp], "last_prompt", include_bos=True)[0])
+        [2]
     """
-    out: list[list[int]] = []
+    out: list[Sequence[int]] = []
     if isinstance(positions, str):
         if positions not in POSITION_NAMES:
             raise PromptError(
@@ -239,13 +243,15 @@ def select_positions(
             )
         for tp in prompts:
             n, p = len(tp), tp.n_prompt
-            sel = {
-                "all": range(n),
-                "prompt": range(p),
-                "response": range(p, n),
-                "last_prompt": range(p - 1, p),
+            start, stop = {
+                "all": (0, n),
+                "prompt": (0, p),
+                "response": (p, n),
+                "last_prompt": (max(p - 1, 0), p),
             }[positions]
-            out.append([j for j in sel if include_bos or not (j == 0 and tp.has_bos)])
+            if start == 0 < stop and tp.has_bos and not include_bos:
+                start = 1  # BOS is position 0
+            out.append(range(start, stop))
         if positions == "response" and not any(out):
             raise PromptError(
                 "positions='response' selects nothing: pass (prompt, response) pairs to have response tokens"
