@@ -8,9 +8,12 @@ Prints three comparisons (see benchmarks/README.md, section "diff_latents"):
 2. against the *naive sae-lens path*: a full forward of ``HookedSAETransformer`` with
    ``run_with_cache_with_saes`` on both models, then the mean of the cached latents (target: >= 2x at
    a mid layer);
-3. peak memory (max RSS of a fresh process) from 10k to 200k tokens (target: growth < 5%).
+3. peak memory (max RSS of a fresh process, median of 3 per size) at 10k, 50k and 200k tokens
+   (target: growth < 5% from 10k to 200k), on the throughput model; ``--memory-model small`` runs
+   the fragmentation stress case, ``--limit-heap-too`` adds runs with ``limit_heap_growth()``.
 
-Run: ``.venv/bin/python benchmarks/bench_diff.py`` (about two minutes on 2 CPU cores).
+Run: ``.venv/bin/python benchmarks/bench_diff.py`` (on 2 CPU cores: about 5 minutes of throughput,
+then about 15 of memory; ``--memory-only`` skips the first).
 """
 
 from __future__ import annotations
@@ -219,7 +222,9 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_child(n_tokens: int, uncertainty: str | None = "all", limit_heap: bool = False) -> None:
+def memory_child(
+    n_tokens: int, uncertainty: str | None = "all", limit_heap: bool = False, model: str = "bench"
+) -> None:
     """Peak memory of one diff_latents run in a fresh process (VmHWM: exact, per process image)."""
     from modeldiff.diff import diff_latents
     from modeldiff.memory import limit_heap_growth
@@ -227,9 +232,15 @@ def memory_child(n_tokens: int, uncertainty: str | None = "all", limit_heap: boo
     if limit_heap and not limit_heap_growth():
         raise SystemExit("limit_heap_growth needs glibc")
 
-    # A lighter model than the throughput one: this measures what grows with tokens (the statistics),
-    # and 200k tokens must stream through in about a minute on 2 cores.
-    _, base, tuned, sae, _ = build(**MEMORY_CONFIG)
+    # "bench": the throughput model and batch size. "small": a 2-layer d_model-128 model whose
+    # per-batch transient memory (attention patterns, encoder outputs) is large against the
+    # process, the stress case for allocator fragmentation.
+    if model == "bench":
+        _, base, tuned, sae, _ = build()
+        batch = BATCH
+    else:
+        _, base, tuned, sae, _ = build(**MEMORY_CONFIG)
+        batch = MEMORY_BATCH
     prompts = make_prompts(n_tokens)
     # touch the code paths once on a few prompts so lazy imports count in the baseline
     diff_latents(base, tuned, sae, prompts[:4], positions="all", progress=False)
@@ -243,7 +254,7 @@ def memory_child(n_tokens: int, uncertainty: str | None = "all", limit_heap: boo
         sae,
         prompts,
         positions="all",
-        batch_size=MEMORY_BATCH,
+        batch_size=batch,
         uncertainty=uncertainty,
         progress=False,
     )
@@ -259,6 +270,7 @@ def memory_child(n_tokens: int, uncertainty: str | None = "all", limit_heap: boo
             {
                 "tokens": int(d.meta["n_tokens"]),
                 "prompts": len(prompts),
+                "batches": -(-len(prompts) // batch),
                 "peak_rss_mb": peak,
                 "rss_before_run_mb": rss_before,
                 "run_working_set_mb": peak - rss_before,
@@ -268,6 +280,64 @@ def memory_child(n_tokens: int, uncertainty: str | None = "all", limit_heap: boo
             }
         )
     )
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Fresh processes per (configuration, size, repeat); medians and ranges of the peak RSS."""
+    import statistics
+
+    sizes = [int(x) for x in args.memory_sizes.split(",")]
+    configs = [
+        ("uncertainty=None,  default allocator  ", ["--no-uncertainty"]),
+        ("uncertainty='all', default allocator  ", []),
+    ]
+    if args.limit_heap_too:
+        configs += [
+            ("uncertainty=None,  limit_heap_growth()", ["--no-uncertainty", "--limit-heap"]),
+            ("uncertainty='all', limit_heap_growth()", ["--limit-heap"]),
+        ]
+    desc = MEMORY_CONFIG if args.memory_model == "small" else "the throughput model, batch 16"
+    print(
+        f"\n[memory] model {args.memory_model!r} ({desc}); fresh process per run, "
+        f"{args.memory_repeats} runs per size; peak RSS median [min-max]"
+    )
+    for label, extra in configs:
+        rows: dict[int, list[dict]] = {}
+        for _ in range(args.memory_repeats):  # sizes interleaved, so drift hits all alike
+            for n in sizes:
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--memory-child",
+                        str(n),
+                        "--memory-model",
+                        args.memory_model,
+                        *extra,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                rows.setdefault(n, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+        med = {n: statistics.median(r["peak_rss_mb"] for r in rows[n]) for n in sizes}
+        pp = {n: statistics.median(r["per_prompt_mb"] for r in rows[n]) for n in sizes}
+        cells = "  ".join(
+            f"{rows[n][0]['tokens'] // 1000}k tok/{rows[n][0]['batches']} batches: {med[n]:.0f} "
+            f"[{min(r['peak_rss_mb'] for r in rows[n]):.0f}-"
+            f"{max(r['peak_rss_mb'] for r in rows[n]):.0f}]"
+            for n in sizes
+        )
+        lo, hi = sizes[0], sizes[-1]
+        growth = med[hi] / med[lo] - 1
+        # The per-prompt sums are the O(n_prompts * k) the paired analysis needs by design.
+        own = (med[hi] - pp[hi] + pp[lo]) / med[lo] - 1
+        secs = statistics.median(r["seconds"] for r in rows[hi])
+        print(
+            f"  {label}: {cells} MB; growth {100 * growth:+.1f}%, without the per-prompt sums "
+            f"({pp[hi]:.1f} MB at {hi // 1000}k) {100 * own:+.1f}% (target < 5%); "
+            f"{secs:.1f} s at {hi // 1000}k"
+        )
 
 
 def main() -> None:
@@ -280,13 +350,26 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true", help="skip the throughput comparison")
     ap.add_argument("--tokens", type=int, default=3_000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--memory-sizes", default="10000,200000")
+    ap.add_argument("--memory-sizes", default="10000,50000,200000")
+    ap.add_argument("--memory-repeats", type=int, default=3)
+    ap.add_argument(
+        "--memory-model",
+        choices=("bench", "small"),
+        default="bench",
+        help="bench: the throughput model; small: the fragmentation stress case",
+    )
+    ap.add_argument(
+        "--limit-heap-too", action="store_true", help="also measure with limit_heap_growth()"
+    )
     ap.add_argument("--vocab", type=int, default=D_VOCAB, help="d_vocab of the throughput model")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.memory_child is not None:
         memory_child(
-            args.memory_child, None if args.no_uncertainty else "all", limit_heap=args.limit_heap
+            args.memory_child,
+            None if args.no_uncertainty else "all",
+            limit_heap=args.limit_heap,
+            model=args.memory_model,
         )
         return
 
@@ -316,39 +399,11 @@ def main() -> None:
             print(f"  {label:27s} cpu {c[num] / c[den]:.3f}x   wall {s[num] / s[den]:.3f}x{target}")
         print(f"  max |mean ours - mean naive| = {r['max_abs_err_vs_naive']:.2e}")
 
-    # glibc raises its mmap threshold after large frees, after which large tensors come from a heap
-    # that keeps its free space and fragments as batch shapes change: RSS creeps up with the number
-    # of batches although no data structure grows. Reported as is, and with limit_heap_growth()
-    # (modeldiff.memory, opt-in), which fixes the threshold so large blocks are returned when freed.
-    print(f"\n[memory] fresh process per size; {MEMORY_CONFIG}")
-    for label, extra_args in (
-        ("uncertainty='all', default allocator  ", []),
-        ("uncertainty='all', limit_heap_growth()", ["--limit-heap"]),
-        ("uncertainty=None,  default allocator  ", ["--no-uncertainty"]),
-        ("uncertainty=None,  limit_heap_growth()", ["--no-uncertainty", "--limit-heap"]),
-    ):
-        rows = []
-        for n in [int(x) for x in args.memory_sizes.split(",")]:
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", str(n), *extra_args],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        first, last = rows[0], rows[-1]
-        growth = last["peak_rss_mb"] / first["peak_rss_mb"] - 1
-        # The per-prompt sums are the O(n_prompts * k) the paired analysis needs by design.
-        own = (last["peak_rss_mb"] - last["per_prompt_mb"] + first["per_prompt_mb"]) / first[
-            "peak_rss_mb"
-        ] - 1
-        print(
-            f"  {label}: peak RSS {first['peak_rss_mb']:.0f} MB ({first['tokens']} tokens) -> "
-            f"{last['peak_rss_mb']:.0f} MB ({last['tokens']} tokens, {last['prompts']} prompts, "
-            f"per-prompt sums {last['per_prompt_mb']:.1f} MB): growth {100 * growth:+.1f}%, "
-            f"without the per-prompt sums {100 * own:+.1f}% (target < 5%); "
-            f"{last['seconds']:.1f} s at {last['tokens']} tokens"
-        )
+    # glibc raises its mmap threshold after large frees; large tensors then come from a heap whose
+    # free space fragments, so the peak RSS of one run depends on the allocator's history (several
+    # percent from run to run). Hence medians of fresh processes; limit_heap_growth() (opt-in)
+    # fixes the threshold so large blocks are returned when freed.
+    memory_table(args)
 
 
 if __name__ == "__main__":
