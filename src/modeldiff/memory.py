@@ -1,17 +1,18 @@
 """Keep a long streaming run's resident memory flat under glibc's allocator (opt-in).
 
-``diff_latents`` holds O(d_sae + n_prompts·k) numbers whatever the number of tokens, but the process's
-peak resident memory can still creep up over thousands of batches. The cause is glibc, not data:
-after the first large block is freed, glibc raises its *mmap threshold* to that block's size, so
-later large tensors (activations, attention patterns, encoder outputs) come from the heap, whose
-free space is kept and fragments as batch shapes change. On the memory benchmark the peak grew
-by +4% to +14% (erratic, run to run) from 10k to 200k tokens for that reason alone, saturating
-after ~50 batches (benchmarks/README.md).
+``diff_latents`` holds O(d_sae + n_prompts·k) numbers whatever the number of tokens, but the
+process's peak resident memory can still creep up, fastest over the first tens of batches. The cause
+is glibc, not data: after the first large block is freed, glibc raises its *mmap threshold* to that
+block's size, so later large tensors (activations, attention patterns, encoder outputs) come from
+the heap, where a few small long-lived blocks allocated mid-batch (on GELU models mostly oneDNN's
+per-shape GELU kernels) pin free space under them. On the memory benchmark the peak grew +5%
+(benchmark model) to +11% (a small model with large per-batch activations) from 10k to 200k tokens
+for that reason (medians of three runs; benchmarks/README.md).
 
 :func:`limit_heap_growth` fixes the threshold, so every block at least that large is mapped on its
 own and returned to the system when freed. It is process-wide and cannot be undone (glibc has no
 way back to the dynamic threshold), and every large allocation then costs fresh, zeroed pages from
-the kernel: on the benchmark models it takes 2.4x the CPU time at the default 1 MiB threshold and
+the kernel: on the benchmark models it takes 1.9-2.5x the time at the default 1 MiB threshold and
 1.4x at 4 MiB. So modeldiff never calls it by itself: call it once at the start of a long run where
 a flat memory ceiling matters more than speed, or set the same thing before Python starts with
 ``MALLOC_MMAP_THRESHOLD_=1048576``. On a C library other than
@@ -50,9 +51,9 @@ def limit_heap_growth(mmap_threshold_mb: float = 1.0) -> bool:
 
     Args:
         mmap_threshold_mb: the fixed threshold, between 4 KiB and 32 MiB (glibc's limits). On the
-            memory benchmark (10k -> 200k tokens) the peak grew 2.2-2.5% at 1 MiB in four runs,
-            3.8-6.8% at 4 MiB, 5.6% at 8 MiB and 13% at 16 MiB (4-14% without the call); smaller
-            thresholds cost more time.
+            small memory-benchmark model (10k -> 200k tokens) the peak grew 1.3-2.5% at 1 MiB,
+            3.8-6.8% at 4 MiB, 5.6% at 8 MiB and 13% at 16 MiB (about 11% without the call);
+            smaller thresholds cost more time.
 
     Returns:
         ``True`` if glibc accepted the setting, ``False`` on another C library.
