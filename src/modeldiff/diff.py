@@ -976,8 +976,8 @@ def diff_latents(
         tqdm(total=n_batches, desc="diff_latents", disable=not progress) as bar,
     ):
         for bb in stream_b:
-            bf = next(stream_f)
-            if not (
+            bf = next(stream_f, None)
+            if bf is None or not (
                 torch.equal(bb.prompt_index, bf.prompt_index)
                 and torch.equal(bb.position, bf.position)
             ):

@@ -12,7 +12,7 @@ for that reason (medians of three runs; benchmarks/README.md).
 :func:`limit_heap_growth` fixes the threshold, so every block at least that large is mapped on its
 own and returned to the system when freed. It is process-wide and cannot be undone (glibc has no
 way back to the dynamic threshold), and every large allocation then costs fresh, zeroed pages from
-the kernel: on the benchmark models it takes 1.9-2.5x the time at the default 1 MiB threshold and
+the kernel: on the benchmark models it takes 1.8-2.5x the time at the default 1 MiB threshold and
 1.4x at 4 MiB. So modeldiff never calls it by itself: call it once at the start of a long run where
 a flat memory ceiling matters more than speed, or set the same thing before Python starts with
 ``MALLOC_MMAP_THRESHOLD_=1048576``. On a C library other than
