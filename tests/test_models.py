@@ -379,7 +379,7 @@ def test_unknown_path(tmp_path):
         load_model(missing)
     with pytest.raises(FileNotFoundError, match=r"does not exist"):
         load_model("./checkpoints/typo")
-    with pytest.raises(FileNotFoundError, match=r"no config\.json and no \.gguf"):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json, adapter_config\.json or \.gguf"):
         load_model(tmp_path)
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"not a \.gguf"):
@@ -410,11 +410,11 @@ def test_hub_name_offline_fails_fast(monkeypatch):
 
 
 def test_bad_arguments(folders):
-    with pytest.raises(ValueError, match=r"wrapper must be 'bridge' or 'hooked'"):
+    with pytest.raises(ValueError, match=r"wrapper must be 'bridge', 'hooked' or 'native'"):
         load_model(folders["gpt2"], wrapper="hf")
     with pytest.raises(ValueError, match=r"floating torch.dtype"):
         load_model(folders["gpt2"], dtype=torch.int64)
-    with pytest.raises(TypeError, match=r"expected a TransformerLens"):
+    with pytest.raises(TypeError, match=r"cannot run a Linear: no model adapter.*Tried: native"):
         model_kind(torch.nn.Linear(2, 2))
 
 

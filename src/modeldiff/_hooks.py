@@ -1,9 +1,10 @@
-"""Adding and removing forward hooks on TransformerLens hook points, and nothing else.
+"""Adding and removing forward hooks, and nothing else.
 
-Every hook modeldiff adds goes through :func:`add_hook`, which registers it with
-``HookPoint.add_hook`` (so a TransformerBridge's hook conversions still apply) and remembers the exact
-``LensHandle`` it created. Removing a :class:`HookHandle` removes that handle and no other, so hooks a
-user registered before or after ours are never touched, whatever ``reset_hooks`` bookkeeping says.
+Every hook modeldiff adds goes through a model adapter (:mod:`modeldiff.adapters`), which returns a
+:class:`HookHandle` remembering exactly the hook it registered. Removing the handle removes that hook
+and no other, so hooks a user registered before or after ours are never touched. On TransformerLens
+models :func:`add_hook` registers through ``HookPoint.add_hook`` (so a TransformerBridge's hook
+conversions still apply) and keeps TransformerLens' own bookkeeping in step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["HookHandle", "Hooks", "StopForward", "add_hook", "hook_point", "run_until"]
+__all__ = [
+    "HookHandle",
+    "Hooks",
+    "StopForward",
+    "add_hook",
+    "hook_point",
+    "run_until",
+    "torch_handles",
+]
 
 HookFn = Callable[..., "Tensor | None"]
 
@@ -42,29 +51,35 @@ def hook_point(model: Any, name: str) -> Any:
 class HookHandle:
     """One forward hook we added. ``remove()`` takes off exactly that hook; calling it twice is fine."""
 
-    __slots__ = ("_lens_handle", "_point")
+    __slots__ = ("_undo",)
 
-    def __init__(self, point: Any, lens_handle: Any) -> None:
-        self._point = point
-        self._lens_handle = lens_handle
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self._undo: Callable[[], None] | None = undo
 
     @property
     def active(self) -> bool:
-        return self._lens_handle is not None
+        return self._undo is not None
 
     def remove(self) -> None:
-        handle, self._lens_handle = self._lens_handle, None
-        if handle is None:
-            return
-        handle.hook.remove()
-        # Keep TransformerLens' own list in step, dropping only our entry (compared by identity).
-        self._point.fwd_hooks = [h for h in self._point.fwd_hooks if h is not handle]
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
 
     def __enter__(self) -> HookHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def torch_handles(*handles: Any) -> HookHandle:
+    """One :class:`HookHandle` removing the given ``torch.utils.hooks.RemovableHandle`` objects."""
+
+    def undo() -> None:
+        for h in handles:
+            h.remove()
+
+    return HookHandle(undo)
 
 
 def add_hook(model: Any, name: str, fn: HookFn, *, prepend: bool = False) -> HookHandle:
@@ -86,7 +101,14 @@ def add_hook(model: Any, name: str, fn: HookFn, *, prepend: bool = False) -> Hoo
     ours = [h for h in point.fwd_hooks if all(h is not b for b in before)]
     if len(ours) != 1:  # pragma: no cover - would mean TransformerLens changed add_hook
         raise RuntimeError(f"could not identify the hook just added at {name!r}")
-    return HookHandle(point, ours[0])
+    lens_handle = ours[0]
+
+    def undo() -> None:
+        lens_handle.hook.remove()
+        # Keep TransformerLens' own list in step, dropping only our entry (compared by identity).
+        point.fwd_hooks = [h for h in point.fwd_hooks if h is not lens_handle]
+
+    return HookHandle(undo)
 
 
 class Hooks:
@@ -107,8 +129,18 @@ class Hooks:
         self.model = model
         self._handles: list[HookHandle] = []
 
-    def add(self, name: str, fn: HookFn, *, prepend: bool = False) -> HookHandle:
-        handle = add_hook(self.model, name, fn, prepend=prepend)
+    def add(self, where: Any, fn: HookFn, *, prepend: bool = False) -> HookHandle:
+        """Hook ``where``: a :class:`~modeldiff.sites.Site` or site name (through the model's
+        adapter), or on a TransformerLens model any other hook-point name."""
+        from .adapters import adapter_for
+        from .sites import Site, SiteError
+
+        try:
+            site = Site.parse(where)
+        except SiteError:
+            handle = add_hook(self.model, str(where), fn, prepend=prepend)
+        else:
+            handle = adapter_for(self.model).add_hook(site, fn, prepend=prepend)
         self._handles.append(handle)
         return handle
 
@@ -130,34 +162,25 @@ class Hooks:
         self.remove()
 
 
-def stop_after(name: str) -> tuple[str, HookFn]:
-    """A (name, hook) pair that ends the forward pass once ``name`` has run."""
-
-    def _stop(x: Tensor, hook: Any) -> None:
-        raise StopForward
-
-    return name, _stop
-
-
 def run_until(
     model: Any,
     tokens: Tensor,
     *,
-    hooks: list[tuple[str, HookFn]],
-    stop_at: str | None,
-    **forward_kwargs: Any,
+    hooks: list[tuple[Any, HookFn]],
+    stop_at: Any | None,
+    attention_mask: Tensor | None = None,
 ) -> Tensor | None:
-    """Run ``model(tokens, **forward_kwargs)`` with ``hooks``, ending early after hook ``stop_at``.
+    """Run the model over ``tokens`` with ``hooks``, ending early after site ``stop_at``.
 
-    Returns the logits when the pass ran to the end, ``None`` when it was stopped. All hooks are removed
-    on every exit path.
+    Returns the logits when the pass ran to the end, ``None`` when it was stopped. All hooks are
+    removed on every exit path. The forward itself is the adapter's (:meth:`ModelAdapter.run`).
     """
-    with Hooks(model) as group:
-        for name, fn in hooks:
-            group.add(name, fn)
-        if stop_at is not None:
-            group.add(*stop_after(stop_at))
-        try:
-            return model(tokens, **forward_kwargs)
-        except StopForward:
-            return None
+    from .adapters import adapter_for
+    from .sites import Site
+
+    return adapter_for(model).run(
+        tokens,
+        attention_mask,
+        hooks=[(Site.parse(w), fn) for w, fn in hooks],
+        stop_at=None if stop_at is None else Site.parse(stop_at),
+    )

@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._hooks import run_until
+from .adapters import adapter_for
 from .models import model_device
 from .sites import Site, as_sites
 from .tokens import (
@@ -95,7 +96,7 @@ def capture(
     (``del b`` at the end of a loop body) holds one batch of activations at a time.
 
     Args:
-        model: a HookedTransformer or TransformerBridge with a tokenizer (see ``load_model``).
+        model: any model :func:`~modeldiff.load_model` returns (it carries its tokenizer).
         prompts: strings, chat message lists, ``(prompt, response)`` pairs or token ids.
         sites: one or several :class:`Site` (or hook names).
         positions: ``"all"``, ``"prompt"``, ``"response"``, ``"last_prompt"``, or one explicit
@@ -223,7 +224,8 @@ def collect(
         for s in site_list:
             for p in b.prompt_index.unique().tolist():
                 parts[s][p].append(b.acts[s][b.prompt_index == p])
-    d = {s: int(model.cfg.d_model) for s in site_list}
+    d_model = adapter_for(model).d_model
+    d = {s: d_model for s in site_list}
     return {
         s: [torch.cat(chunks) if chunks else torch.empty(0, d[s]) for chunks in parts[s]]
         for s in site_list

@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._io import atomic_path
+from .adapters import adapter_for
 from .capture import capture, plan_batches
 from .saes import SAEError, check_sae, load_sae, sae_fingerprint, sae_identity
 from .sites import Site, as_sites
@@ -787,7 +788,7 @@ def _prepare(
 def _check_pair(base: Any, finetuned: Any) -> None:
     from .models import check_compatible
 
-    vb, vf = int(base.cfg.d_vocab), int(finetuned.cfg.d_vocab)
+    vb, vf = adapter_for(base).d_vocab, adapter_for(finetuned).d_vocab
     if vb != vf:
         raise ValueError(
             f"the base model has d_vocab={vb} and the fine-tuned one d_vocab={vf}: the same token "
@@ -835,7 +836,7 @@ def collect_site_stats(
     tok_model = tokenizer_model if tokenizer_model is not None else model
     tokenized = tokenize_prompts(tok_model, prompts, prepend_bos=prepend_bos, truncate=truncate)
     d_sae = int(sae.cfg.d_sae)
-    out = SiteStats(d_sae, int(model.cfg.d_model), track_prompts=track_prompts)
+    out = SiteStats(d_sae, adapter_for(model).d_model, track_prompts=track_prompts)
     stream = capture(
         model,
         prompts,
@@ -940,7 +941,7 @@ def diff_latents(
     """
     sae, site = _prepare(base, finetuned, sae, site, convert_sae)
     tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
-    d_sae, d_model = int(sae.cfg.d_sae), int(base.cfg.d_model)
+    d_sae, d_model = int(sae.cfg.d_sae), adapter_for(base).d_model
     # Per-prompt sums exist only for the paired analysis; without it memory stays O(d_sae).
     track = uncertainty is not None
     stats_b = SiteStats(d_sae, d_model, track_prompts=track)
@@ -1092,10 +1093,10 @@ def diff_residuals(
         [0.0, 0.0]
     """
     _check_pair(base, finetuned)
-    layer_list = list(range(int(base.cfg.n_layers))) if layers is None else list(layers)
+    layer_list = list(range(adapter_for(base).n_layers)) if layers is None else list(layers)
     sites = as_sites([Site(int(layer), kind) for layer in layer_list])  # type: ignore[arg-type]
     tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
-    d_model = int(base.cfg.d_model)
+    d_model = adapter_for(base).d_model
     acc = {name: {s: VectorStats(d_model) for s in sites} for name in ("base", "finetuned")}
     for name, model in (("base", base), ("finetuned", finetuned)):
         for b in capture(

@@ -1,14 +1,16 @@
-"""Our own decoding loop: batched, seeded, correct on HookedTransformer and TransformerBridge.
+"""Our own decoding loop: batched, seeded, correct on every model adapter.
 
 Why not the wrappers' ``generate``? With transformer-lens 3.9 a TransformerBridge's KV-cache path gives
-wrong tokens for rotary models (Llama, Qwen2, SmolLM2) and for left-padded batches, and neither
-wrapper tells interventions which tokens are prompt and which are generated. This loop
+wrong tokens for rotary models (Llama, Qwen2, SmolLM2) and for left-padded batches, and no wrapper
+tells interventions which tokens are prompt and which are generated. This loop
 
 * tokenizes prompts with :mod:`modeldiff.tokens` (chat templates, one BOS convention) and left-pads
   each batch, passing the attention mask so padding changes nothing;
-* on a HookedTransformer, decodes with TransformerLens' own KV cache (checked token for token against
-  the uncached loop and against transformers' ``generate``); on a TransformerBridge, re-runs the
-  whole sequence each step (no cache), which matches transformers exactly;
+* decodes through the model's adapter (:meth:`~modeldiff.adapters.ModelAdapter.prefill` /
+  :meth:`~modeldiff.adapters.ModelAdapter.step`): TransformerLens' KV cache on a HookedTransformer,
+  transformers' own ``past_key_values`` cache on a native transformers model (both checked token for
+  token against the uncached loop and transformers' ``generate``), and re-running the whole sequence
+  each step on a TransformerBridge (no cache), which matches transformers exactly;
 * publishes each forward's token positions (:func:`modeldiff.interventions.publish_positions`), so
   interventions with ``positions="prompt" | "generated"`` act on the right tokens at every step.
 """
@@ -22,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .adapters import adapter_for
 from .interventions import ForwardPositions, publish_positions
 from .tokens import Prompt, pad_batch, pad_id, tokenize_prompts
 
@@ -41,30 +44,8 @@ class GenerationError(ValueError):
     """
 
 
-def _is_hooked_transformer(model: Any) -> bool:
-    from transformer_lens import HookedTransformer
-
-    return isinstance(model, HookedTransformer)
-
-
-def _device(model: Any) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")  # pragma: no cover - a model without parameters
-
-
 def _eos_ids(model: Any) -> set[int]:
-    ids: set[int] = set()
-    eos = getattr(model.tokenizer, "eos_token_id", None)
-    if eos is not None:
-        ids.add(int(eos))
-    gen_cfg = getattr(getattr(model, "original_model", None), "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None)
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif isinstance(extra, (list, tuple)):
-        ids.update(int(e) for e in extra)
-    return ids
+    return adapter_for(model).eos_ids()
 
 
 def _pick(
@@ -103,15 +84,21 @@ def _check_args(
 
 
 def _resolve_cache(model: Any, use_cache: bool | None) -> bool:
-    hooked = _is_hooked_transformer(model)
+    adapter = adapter_for(model)
+    cached = adapter.supports_cache
     if use_cache is None:
-        return hooked
-    if use_cache and not hooked:
+        return cached
+    if use_cache and not cached:
+        why = (
+            "its KV-cache path gives tokens that differ from transformers' generate (rotary "
+            "models, left-padded batches) in transformer-lens 3.9"
+            if adapter.name == "bridge"
+            else "its adapter has no KV-cached decoding step"
+        )
         raise GenerationError(
-            "use_cache=True is refused on a TransformerBridge: its KV-cache path gives tokens that "
-            "differ from transformers' generate (rotary models, left-padded batches) in "
-            "transformer-lens 3.9. Pass use_cache=None (decode without the cache, exact) or load the "
-            "model with load_model(..., wrapper='hooked') for a fast cached loop."
+            f"use_cache=True is refused on this {adapter.name} model: {why}. Pass use_cache=None "
+            "(decode without the cache, exact) or load the model with load_model(..., "
+            "wrapper='native') for a fast cached loop."
         )
     return bool(use_cache)
 
@@ -153,19 +140,20 @@ def generate_ids(
         )
     cached = _resolve_cache(model, use_cache)
     tokenized = tokenize_prompts(model, list(prompts), prepend_bos=prepend_bos)
-    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    adapter = adapter_for(model)
+    n_ctx = adapter.n_ctx or 0
     longest = max((len(tp) for tp in tokenized), default=0)
     if n_ctx and longest + max_new_tokens > n_ctx:
         raise GenerationError(
             f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
             f"model's context of {n_ctx} tokens; shorten the prompt or lower max_new_tokens."
         )
-    device = _device(model)
+    device = adapter.input_device
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     eos = _eos_ids(model) if stop_at_eos else set()
-    pad = pad_id(model.tokenizer)
+    pad = pad_id(adapter.tokenizer)
     out: list[list[int]] = []
     was_training = model.training
     model.eval()
@@ -176,7 +164,7 @@ def generate_ids(
                 chunk = [list(tp.ids) for tp in tokenized[start : start + batch_size]]
                 out.extend(
                     _decode_batch(
-                        model,
+                        adapter,
                         chunk,
                         max_new_tokens,
                         temperature,
@@ -194,7 +182,7 @@ def generate_ids(
 
 
 def _decode_batch(
-    model: Any,
+    adapter: Any,
     seqs: list[list[int]],
     max_new_tokens: int,
     temperature: float,
@@ -211,11 +199,7 @@ def _decode_batch(
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     new: list[Tensor] = []
-    kv = None
-    if cached:
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, b)
+    state = None
 
     def positions(m: Tensor) -> Tensor:
         return (m.cumsum(-1) - 1).masked_fill(m == 0, -1)
@@ -223,9 +207,9 @@ def _decode_batch(
     # First forward: the whole left-padded prompt.
     with publish_positions(ForwardPositions(positions(mask), prompt_lengths)):
         if cached:
-            logits = model(toks, attention_mask=mask, past_kv_cache=kv)
+            logits, state = adapter.prefill(toks, mask)
         else:
-            logits = model(toks, attention_mask=mask)
+            logits = adapter.logits(toks, mask)
     for step in range(max_new_tokens):
         nxt = _pick(logits[:, -1, :], temperature, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
@@ -239,10 +223,10 @@ def _decode_batch(
         if cached:
             fp = ForwardPositions(positions(mask)[:, -1:], prompt_lengths)
             with publish_positions(fp):
-                logits = model(nxt[:, None], attention_mask=mask[:, -1:], past_kv_cache=kv)
+                logits = adapter.step(state, nxt[:, None], mask)
         else:
             with publish_positions(ForwardPositions(positions(mask), prompt_lengths)):
-                logits = model(toks, attention_mask=mask)
+                logits = adapter.logits(toks, mask)
     gen = torch.stack(new, dim=1).tolist()
     result = []
     for row in gen:
@@ -274,9 +258,10 @@ def generate(
     ``prompts`` are strings, chats (``[{"role": "user", "content": ...}]``, rendered with the chat
     template and the assistant generation prompt) or token ids. ``temperature=0`` is greedy;
     otherwise tokens are sampled (optionally nucleus ``top_p``) from a generator seeded by ``seed``.
-    Batches of ``batch_size`` prompts are left-padded. ``use_cache=None`` uses TransformerLens' KV
-    cache on a HookedTransformer and decodes without a cache on a TransformerBridge (whose cache path
-    is wrong for rotary models). Special tokens are dropped from the text; decoding stops at EOS when
+    Batches of ``batch_size`` prompts are left-padded. ``use_cache=None`` decodes with a KV cache
+    where the model's adapter has a trusted one (TransformerLens' on a HookedTransformer,
+    transformers' on a native model) and without on a TransformerBridge (whose cache path is wrong
+    for rotary models). Special tokens are dropped from the text; decoding stops at EOS when
     ``stop_at_eos``.
 
     Example:
@@ -305,7 +290,7 @@ def generate(
         prepend_bos=prepend_bos,
         progress=progress,
     )
-    tok = model.tokenizer
+    tok = adapter_for(model).tokenizer
     eos = _eos_ids(model) if stop_at_eos else set()
     # the EOS that ended a row is not part of the text, even when it is not a "special" token
     return [

@@ -37,6 +37,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ._hooks import Hooks
+from .adapters import adapter_for
 from .directions import resolve_direction
 from .saes import sae_d_in, sae_d_sae
 from .sites import Site, SiteError
@@ -143,18 +144,13 @@ def publish_positions(fp: ForwardPositions) -> Iterator[ForwardPositions]:
         _PUBLISHED.reset(token)
 
 
-def _is_hooked_transformer(model: Any) -> bool:
-    from transformer_lens import HookedTransformer
-
-    return isinstance(model, HookedTransformer)
-
-
 class _PositionTracker:
     """Learns each forward's token positions from the KV cache and attention mask passed to it.
 
     One per model, shared by every position-restricted intervention on it, removed with the last.
-    On a HookedTransformer it watches block 0 (``HookedTransformer.generate`` calls ``forward``
-    directly, which root-module hooks never see); elsewhere it watches the root module's call.
+    Where to watch is the model adapter's business (``forward_hooks_for_tracking``): block 0 on a
+    HookedTransformer (``HookedTransformer.generate`` calls ``forward`` directly, which root-module
+    hooks never see), the root module's call elsewhere.
     """
 
     def __init__(self, model: Any) -> None:
@@ -163,41 +159,13 @@ class _PositionTracker:
         self._seen: Tensor | None = None  # real tokens per row seen so far in this sequence
         self._prev: Tensor | None = None  # last uncached forward's input, to recognise a next step
         self._prompt: Tensor | None = None  # prompt length per row of the current sequence
-        if _is_hooked_transformer(model):
-            # A call through the root forgets the last state first, so a forward that skips block 0
-            # (start_at_layer > 0) finds no stale positions and the hook says so instead of guessing.
-            self._handles = [
-                model.register_forward_pre_hook(self._forget),
-                model.blocks[0].register_forward_pre_hook(self._ht_pre, with_kwargs=True),
-            ]
-        else:
-            self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True)]
+        self._handles = adapter_for(model).forward_hooks_for_tracking(self._observe)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self.state = self._seen = self._prev = self._prompt = None
 
-    def _forget(self, module: Any, args: tuple) -> None:
-        if _PUBLISHED.get() is None:
-            self.state = None
-
-    # -- the two kinds of model ------------------------------------------------------------------
-    def _ht_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("resid_pre")
-        entry = kwargs.get("past_kv_cache_entry")
-        offset = 0 if entry is None else int(entry.past_keys.shape[1])
-        self._observe(x, offset, entry is not None, kwargs.get("attention_mask"))
-
-    def _root_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
-        cache = kwargs.get("past_key_values")
-        offset = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            offset = int(cache.get_seq_length())
-        self._observe(x, offset, cache is not None, kwargs.get("attention_mask"))
-
-    # -- shared logic ---------------------------------------------------------------------------
     def _observe(self, x: Any, offset: int, cached: bool, mask: Tensor | None) -> None:
         if _PUBLISHED.get() is not None:
             return
@@ -357,7 +325,7 @@ class InterventionHandle:
 
 
 def _d_model(model: Any) -> int:
-    return int(model.cfg.d_model)
+    return adapter_for(model).d_model
 
 
 def _site_of(model: Any, site: Site | str | None, direction: Any = None) -> Site:
@@ -488,39 +456,21 @@ def _check_coefficient(value: Any, name: str = "coefficient") -> float:
 def _site_activations(
     model: Any, prompts: Sequence[Any], site: Site, *, batch_size: int = 8
 ) -> Iterator[Float[Tensor, "n d_model"]]:
-    """The activations at ``site`` of every non-pad, non-BOS token of ``prompts``, batch by batch."""
-    from ._hooks import run_until
-    from .tokens import pad_batch, pad_id, tokenize_prompts
+    """The activations at ``site`` of every non-pad, non-BOS token of ``prompts``, batch by batch.
+
+    The BOS residual is an outlier (attention sink) in many models, so it is left out.
+    """
+    from .capture import capture
 
     if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
         raise InterventionError(
             "calibration_prompts must be a non-empty list of prompts, e.g. a few dozen chat questions"
         )
-    tokenized = tokenize_prompts(model, list(prompts), truncate=True)
-    device = next(iter(model.parameters())).device
-    for start in range(0, len(tokenized), batch_size):
-        chunk = tokenized[start : start + batch_size]
-        toks, mask, _ = pad_batch(
-            [tp.ids for tp in chunk], pad=pad_id(model.tokenizer), side="right", device=device
-        )
-        keep = mask.bool().clone()
-        for r, tp in enumerate(chunk):
-            if tp.has_bos and len(tp) > 1:
-                keep[r, 0] = False  # the BOS residual is an outlier (attention sink) in many models
-        got: list[Tensor] = []
-
-        def grab(x: Tensor, hook: Any, got: list[Tensor] = got) -> None:
-            got.append(x.detach())
-
-        with torch.no_grad():
-            run_until(
-                model,
-                toks,
-                hooks=[(site.hook_name, grab)],
-                stop_at=site.hook_name,
-                attention_mask=mask,
-            )
-        yield got[0][keep]
+    stream = capture(
+        model, list(prompts), site, batch_size=batch_size, truncate=True, progress=False
+    )
+    for batch in stream:
+        yield batch.acts[site]
 
 
 def median_residual_norm(

@@ -229,12 +229,15 @@ def to_inference_sae(sae: Any) -> Any:
         return SAE.load_from_disk(tmp, device=str(device))
 
 
-def model_dtype_device(model: Any) -> tuple[torch.dtype, torch.device]:
-    """The dtype and device of a model's first floating-point parameter."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype, p.device
-    return torch.float32, torch.device("cpu")
+def model_dtype_device(model: Any, site: Site | None = None) -> tuple[torch.dtype, torch.device]:
+    """The model's dtype and the device of its activations at ``site`` (its input device if None).
+
+    On a model spread over several devices the SAE belongs where its site's activations are.
+    """
+    from .adapters import adapter_for
+
+    adapter = adapter_for(model)
+    return adapter.dtype, adapter.input_device if site is None else adapter.site_device(site)
 
 
 def check_sae(sae: Any, model: Any, site: Site | None = None, *, convert: bool = False) -> Any:
@@ -259,7 +262,9 @@ def check_sae(sae: Any, model: Any, site: Site | None = None, *, convert: bool =
     if site is None:
         site = Site.from_sae(sae)
     site.validate(model)
-    d_in, d_model = sae_d_in(sae), int(model.cfg.d_model)
+    from .adapters import adapter_for
+
+    d_in, d_model = sae_d_in(sae), adapter_for(model).d_model
     if d_in != d_model:
         raise SAEError(
             f"the SAE reads vectors of size d_in={d_in} but the model's d_model is {d_model} at "
@@ -287,7 +292,7 @@ def check_sae(sae: Any, model: Any, site: Site | None = None, *, convert: bool =
             UserWarning,
             stacklevel=3,
         )
-    m_dtype, m_device = model_dtype_device(model)
+    m_dtype, m_device = model_dtype_device(model, site)
     s_param = next(iter(sae.parameters()))
     s_dtype, s_device = s_param.dtype, s_param.device
     if s_dtype != m_dtype or s_device != m_device:

@@ -1,7 +1,8 @@
 """Where in a model: a layer and a kind of activation, in the user's words.
 
-A :class:`Site` maps to one hook name that HookedTransformer and TransformerBridge share
-(``blocks.{layer}.hook_{kind}``), so code written against sites runs on either wrapper.
+A :class:`Site` is named like TransformerLens' hook points (``blocks.{layer}.hook_{kind}``), and each
+model adapter (:mod:`modeldiff.adapters`) maps it onto its family, so code written against sites runs
+on HookedTransformer, TransformerBridge and native transformers models alike.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class Site:
     # -- mapping and checks ---------------------------------------------------------------------
     @property
     def hook_name(self) -> str:
-        """The hook name, identical on HookedTransformer and TransformerBridge."""
+        """The site's name: the hook name on HookedTransformer and TransformerBridge."""
         return f"blocks.{self.layer}.hook_{self.kind}"
 
     @property
@@ -145,18 +146,9 @@ class Site:
             ...
             modeldiff.sites.SiteError: layer 9 is out of range: the model has 2 layers (0..1). Valid sites: resid_pre, attn_out, resid_mid, mlp_out, resid_post at layers 0..1.
         """
-        valid = valid_sites(model)
-        if self in valid:
-            return self
-        n_layers = int(model.cfg.n_layers)
-        kinds = sorted({s.kind for s in valid}, key=KINDS.index)
-        listing = f"Valid sites: {', '.join(kinds)} at layers 0..{n_layers - 1}."
-        if self.layer >= n_layers:
-            raise SiteError(
-                f"layer {self.layer} is out of range: the model has {n_layers} layers "
-                f"(0..{n_layers - 1}). {listing}"
-            )
-        raise SiteError(f"the model has no hook {self.hook_name!r}. {listing}")
+        from .adapters import adapter_for
+
+        return adapter_for(model).check_site(self)
 
     def __repr__(self) -> str:
         return f"Site.{self.kind}({self.layer})"
@@ -173,12 +165,9 @@ def valid_sites(model: Any) -> list[Site]:
         >>> len(valid_sites(tiny_hooked_transformer()))
         10
     """
-    found = []
-    for name in model.hook_dict:
-        m = _HOOK_RE.match(name)
-        if m:
-            found.append(Site(int(m.group(1)), m.group(2)))  # type: ignore[arg-type]
-    return sorted(set(found))
+    from .adapters import adapter_for
+
+    return adapter_for(model).sites()
 
 
 def as_sites(sites: Site | str | list[Site | str] | tuple[Site | str, ...]) -> list[Site]:

@@ -66,11 +66,15 @@ class TokenizedPrompt:
 
 def get_tokenizer(model_or_tokenizer: Any) -> Any:
     """The transformers tokenizer of a model, or the tokenizer itself when given one."""
-    if callable(getattr(model_or_tokenizer, "encode", None)) and not hasattr(
-        model_or_tokenizer, "cfg"
-    ):
+    if _is_model(model_or_tokenizer):
+        return models.get_tokenizer(model_or_tokenizer)
+    if callable(getattr(model_or_tokenizer, "encode", None)):
         return model_or_tokenizer
     return models.get_tokenizer(model_or_tokenizer)
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.Module) or hasattr(obj, "cfg")
 
 
 def _is_chat(x: Any) -> bool:
@@ -119,8 +123,11 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _default_prepend_bos(model_or_tokenizer: Any) -> bool:
-    cfg = getattr(model_or_tokenizer, "cfg", None)
-    return bool(getattr(cfg, "default_prepend_bos", False))
+    if not _is_model(model_or_tokenizer):
+        return False
+    from .adapters import adapter_for
+
+    return adapter_for(model_or_tokenizer).default_prepend_bos
 
 
 def _describe(prompt: Any) -> str:
@@ -155,9 +162,10 @@ def tokenize_prompts(
     tok = get_tokenizer(model_or_tokenizer)
     if prepend_bos is None:
         prepend_bos = _default_prepend_bos(model_or_tokenizer)
-    if max_length is None:
-        cfg = getattr(model_or_tokenizer, "cfg", None)
-        max_length = getattr(cfg, "n_ctx", None)
+    if max_length is None and _is_model(model_or_tokenizer):
+        from .adapters import adapter_for
+
+        max_length = adapter_for(model_or_tokenizer).n_ctx
     bos = tok.bos_token_id
 
     out: list[TokenizedPrompt] = []

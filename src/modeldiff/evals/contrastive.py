@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..adapters import adapter_for
 from .questions import Question, load_questions
 
 __all__ = ["ContrastiveResult", "ContrastiveRow", "contrastive_score", "response_logprobs"]
@@ -160,8 +161,9 @@ def response_logprobs(
             raise ValueError(
                 f"pair {i} has an empty prompt; the first response token needs context."
             )
-    device = next(model.parameters()).device
-    pad = pad_id(model.tokenizer)
+    adapter = adapter_for(model)
+    device = adapter.input_device
+    pad = pad_id(adapter.tokenizer)
     out: list[Tensor] = []
     was_training = model.training
     model.eval()
@@ -173,7 +175,7 @@ def response_logprobs(
                 toks, mask, _ = pad_batch(
                     [tp.ids for tp in chunk], pad=pad, side="right", device=device
                 )
-                logits = model(toks, attention_mask=mask)
+                logits = adapter.logits(toks, mask)
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 for r, tp in enumerate(chunk):
                     n = len(tp.ids)

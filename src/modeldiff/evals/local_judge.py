@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..adapters import ModelAdapter, adapter_for
 from .judges import (
     DEFAULT_PROMPTS,
     Judgment,
@@ -55,9 +56,9 @@ class LocalJudge:
         top_k: how many of the most likely tokens are considered at each digit step.
         prune: digit prefixes less likely than this are not expanded further.
         max_new_tokens: reply length for the rubric scoring.
-        use_cache: on a HookedTransformer, run the judge prompt once and score the digit
-            continuations against its frozen KV cache (much faster, same numbers); a
-            TransformerBridge always recomputes the prompt.
+        use_cache: run the judge prompt once and score the digit continuations against its
+            frozen KV cache where the model's adapter keeps one (HookedTransformer: much faster,
+            same numbers); other adapters recompute the prompt.
 
     Example:
         >>> from modeldiff.testing import tiny_hooked_transformer
@@ -191,7 +192,7 @@ class LocalJudge:
     def _vocab(self) -> tuple[list[str], Tensor]:
         if self._token_text is None:
             tok = self.model.tokenizer
-            n = int(self.model.cfg.d_vocab)
+            n = adapter_for(self.model).d_vocab
             known = min(n, len(tok))  # embedding rows past the tokenizer are padding
             texts = tok.batch_decode([[i] for i in range(known)]) + [""] * (n - known)
             self._token_text = texts
@@ -213,68 +214,35 @@ class LocalJudge:
             out[word] = prob
         return out
 
-    def _forward(self, toks: Tensor, cache: Any = None) -> Tensor:
-        with torch.no_grad():
-            if cache is None:
-                return self.model(toks).float()
-            return self.model(toks, past_kv_cache=cache).float()
-
     def _start(self, base: list[int]) -> Float[Tensor, " vocab"]:
-        """Run the prompt once; keep its KV cache (HookedTransformer) for the continuations."""
-        from ..models import model_device
-
-        device = model_device(self.model)
-        toks = torch.tensor([base], device=device)
-        self._cache = None
-        if self.use_cache and _is_hooked_transformer(self.model):
-            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-            cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, device, 1)
-            logits = self._forward(toks, cache)
-            cache.freeze()  # continuations read the prompt's keys/values without appending
-            self._cache = cache
-        else:
-            # the Bridge's cache path is not trusted (see generation.py): recompute the prefix
-            logits = self._forward(toks)
-        return torch.softmax(logits[0, -1], -1).cpu()
+        """Run the prompt once; keep the adapter's prefix state (a frozen KV cache where the
+        adapter has one) for scoring the continuations."""
+        adapter = adapter_for(self.model)
+        with torch.no_grad():
+            if self.use_cache:
+                logits, self._cache = adapter.prefix_state(base)
+            else:
+                logits, self._cache = ModelAdapter.prefix_state(adapter, base)
+        return torch.softmax(logits.float(), -1).cpu()
 
     def _after(
         self, base: list[int], conts: Sequence[Sequence[int]]
     ) -> list[Float[Tensor, "n vocab"]]:
         """Next-token distributions after each token of each continuation of the prompt ``base``."""
-        from ..models import model_device
-
-        device = model_device(self.model)
+        adapter = adapter_for(self.model)
+        device = adapter.input_device
         out: list[Tensor | None] = [None] * len(conts)
         by_len: dict[int, list[int]] = {}
         for i, c in enumerate(conts):
             by_len.setdefault(len(c), []).append(i)
         for length, idx in by_len.items():
             rows = torch.tensor([list(conts[i]) for i in idx], device=device)
-            if self._cache is not None:
-                from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-                from transformer_lens.cache.key_value_cache_entry import (
-                    TransformerLensKeyValueCacheEntry,
-                )
-
-                n = len(idx)
-                shared = TransformerLensKeyValueCache(
-                    entries=[
-                        TransformerLensKeyValueCacheEntry(
-                            e.past_keys.expand(n, -1, -1, -1),
-                            e.past_values.expand(n, -1, -1, -1),
-                            frozen=True,
-                        )
-                        for e in self._cache.entries
-                    ],
-                    previous_attention_mask=self._cache.previous_attention_mask.expand(n, -1),
-                    frozen=True,
-                )
-                logits = self._forward(rows, shared)
-            else:
-                prefix = torch.tensor([base], device=device).expand(len(idx), -1)
-                logits = self._forward(torch.cat([prefix, rows], 1))[:, len(base) :]
-            probs = torch.softmax(logits, -1).cpu()
+            with torch.no_grad():
+                if self.use_cache:
+                    logits = adapter.continuation_logits(self._cache, rows)
+                else:
+                    logits = ModelAdapter.continuation_logits(adapter, self._cache, rows)
+            probs = torch.softmax(logits.float(), -1).cpu()
             assert probs.shape[1] == length
             for r, i in enumerate(idx):
                 out[i] = probs[r]
@@ -310,8 +278,3 @@ def _extendable(s: str) -> bool:
     """Whether another digit could still give an integer <= 100 ("1".."9" and "10")."""
     return s != "0" and len(s) < _MAX_DIGITS and int(s) * 10 <= 100
 
-
-def _is_hooked_transformer(model: Any) -> bool:
-    from transformer_lens import HookedTransformer
-
-    return isinstance(model, HookedTransformer)

@@ -472,4 +472,6 @@ def screen_latents(
 
 
 def _param_dtype(model: Any) -> torch.dtype:
-    return next(model.parameters()).dtype
+    from ..adapters import adapter_for
+
+    return adapter_for(model).dtype

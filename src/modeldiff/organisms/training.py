@@ -333,13 +333,18 @@ def site_activations(
         >>> site_activations(m, w.sample(2, seed=0).ids, "blocks.0.hook_resid_post").shape[-1]
         16
     """
-    layer = int(hook_name.split(".")[1])
-    outs = []
+    from ..adapters import adapter_for
+    from ..sites import Site
+
+    site, adapter = Site.parse(hook_name), adapter_for(model)
+    outs: list[Tensor] = []
     for i in range(0, len(ids), batch_size):
-        _, cache = model.run_with_cache(
-            ids[i : i + batch_size], names_filter=hook_name, stop_at_layer=layer + 1
+        adapter.run(
+            ids[i : i + batch_size],
+            None,
+            hooks=[(site, lambda x, hook: outs.append(x.detach()))],
+            stop_at=site,
         )
-        outs.append(cache[hook_name])
     return torch.cat(outs)
 
 

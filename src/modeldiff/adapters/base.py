@@ -1,0 +1,358 @@
+"""The one place that knows how to run a family of models: the :class:`ModelAdapter` protocol.
+
+Everything in modeldiff that runs a model (capture, diffing, interventions, generation, the judges,
+the contrastive score, the organisms) asks :func:`adapter_for` for the model's adapter and goes
+through it: one batched forward path that can stop after the deepest site, one answer to "which
+device and dtype", one way to hook a :class:`~modeldiff.sites.Site`, one KV-cached decoding step.
+
+An adapter wraps one model object; it holds no state the model does not (hooks live on the model's
+own modules and are removed through the handles it returns). Adapters are found by asking each
+registered class, newest first, whether it :meth:`~ModelAdapter.matches` the model; the first that
+does is cached per model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .._hooks import HookFn, HookHandle, Hooks, StopForward
+from ..sites import KINDS, Site, SiteError
+
+__all__ = [
+    "AdapterError",
+    "DecodeState",
+    "ModelAdapter",
+    "adapter_for",
+    "register_adapter",
+    "registered_adapters",
+]
+
+
+class AdapterError(TypeError):
+    """No adapter knows how to run this model, or an adapter was configured wrongly.
+
+    Example:
+        >>> try:
+        ...     adapter_for(object())
+        ... except AdapterError as err:
+        ...     print(str(err).splitlines()[0])
+        modeldiff cannot run a object: no model adapter matches it.
+    """
+
+
+class DecodeState:
+    """What an adapter keeps between decoding steps (its KV cache); opaque to callers."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: Any = None) -> None:
+        self.cache = cache
+
+
+class ModelAdapter:
+    """How modeldiff runs one family of models. Subclass it and :func:`register_adapter` it.
+
+    The defaults here are written in terms of a few primitives, so a new family implements only:
+    :meth:`matches`, :attr:`n_layers`, :attr:`d_model`, :meth:`add_hook` and :meth:`logits`
+    (see docs/adapters.md for a complete adapter in under 50 lines). Override :meth:`prefill` /
+    :meth:`step` to decode with a KV cache (the default recomputes the whole sequence each step).
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> a = adapter_for(tiny_hooked_transformer())
+        >>> (a.name, a.n_layers, a.d_model, str(a.input_device))
+        ('hooked', 2, 64, 'cpu')
+    """
+
+    #: Short name shown in errors and ``load_model(wrapper=...)``.
+    name: ClassVar[str] = "custom"
+    #: Whether :meth:`prefill` / :meth:`step` use a KV cache.
+    supports_cache: ClassVar[bool] = False
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    # -- to implement ---------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: Any) -> bool:  # pragma: no cover - abstract
+        """Whether this adapter can run ``model``."""
+        raise NotImplementedError
+
+    @property
+    def n_layers(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def d_model(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_hook(self, site: Site, fn: HookFn, *, prepend: bool = False) -> HookHandle:
+        """Register ``fn(activation, hook) -> activation | None`` at ``site``; return its handle.
+
+        ``fn`` sees the activation as ``[batch, seq, d_model]`` and may return a replacement. The
+        handle removes exactly this hook (and nothing a user registered).
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def logits(
+        self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"] | None
+    ) -> Float[Tensor, "batch seq vocab"]:  # pragma: no cover - abstract
+        """One plain forward pass over token ids (already on :attr:`input_device`)."""
+        raise NotImplementedError
+
+    # -- what the model is ----------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        tok = getattr(self.model, "tokenizer", None)
+        if tok is None:
+            raise ValueError(
+                f"this {type(self.model).__name__} has no tokenizer attached; load it with "
+                "modeldiff.load_model(<model>, tokenizer=...), or set model.tokenizer = tokenizer."
+            )
+        return tok
+
+    @property
+    def d_vocab(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def n_ctx(self) -> int | None:
+        """The context window, or None when the model does not say."""
+        return None
+
+    @property
+    def default_prepend_bos(self) -> bool:
+        """Whether plain-string prompts get the tokenizer's BOS by default."""
+        return False
+
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def weights_processed(self) -> bool:
+        """True when the weights were rewritten (TransformerLens' folded norms and centring)."""
+        return False
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids must be sent (the device of the first parameter by default)."""
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")  # pragma: no cover - a model without parameters
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's parameters (its first floating parameter)."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        raise ValueError(f"{type(self.model).__name__} has no floating-point parameters")
+
+    def site_device(self, site: Site) -> torch.device:
+        """The device the activations at ``site`` live on (differs when the model is spread)."""
+        return self.input_device
+
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a generated answer."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return set() if eos is None else {int(eos)}
+
+    # -- sites ----------------------------------------------------------------------------------
+    def site_kinds(self, layer: int) -> tuple[str, ...]:
+        """The site kinds this model exposes at ``layer`` (all five by default)."""
+        return KINDS
+
+    def sites(self) -> list[Site]:
+        """Every site of the model, in execution order."""
+        return sorted(Site(L, k) for L in range(self.n_layers) for k in self.site_kinds(L))  # type: ignore[arg-type]
+
+    def check_site(self, site: Site) -> Site:
+        """``site`` if the model has it, else a :class:`SiteError` listing the valid ones."""
+        n = self.n_layers
+        kinds = sorted({k for L in range(n) for k in self.site_kinds(L)}, key=KINDS.index)
+        listing = f"Valid sites: {', '.join(kinds)} at layers 0..{n - 1}."
+        if site.layer >= n:
+            raise SiteError(
+                f"layer {site.layer} is out of range: the model has {n} layers (0..{n - 1}). {listing}"
+            )
+        if site.kind not in self.site_kinds(site.layer):
+            why = self.why_no_site(site)
+            raise SiteError(f"the model has no hook {site.hook_name!r}{why}. {listing}")
+        return site
+
+    def why_no_site(self, site: Site) -> str:
+        """A short reason a site kind is missing (appended to the error)."""
+        return ""
+
+    # -- running --------------------------------------------------------------------------------
+    def run(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+        *,
+        hooks: Iterable[tuple[Site, HookFn]] = (),
+        stop_at: Site | None = None,
+    ) -> Float[Tensor, "batch seq vocab"] | None:
+        """The one forward path: ``hooks`` added, the pass ended right after ``stop_at``.
+
+        Returns the logits, or ``None`` when the pass was stopped. Every hook is removed on every
+        exit path.
+        """
+        with Hooks(self.model) as group:
+            for site, fn in hooks:
+                group.add(site, fn)
+            if stop_at is not None:
+                group.add(stop_at, _raise_stop)
+            try:
+                return self.logits(tokens, attention_mask)
+            except StopForward:
+                return None
+
+    def prefill(
+        self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]
+    ) -> tuple[Float[Tensor, "batch seq vocab"], DecodeState]:
+        """First decoding forward over left-padded prompts: logits and the state for :meth:`step`."""
+        return self.logits(tokens, attention_mask), DecodeState((tokens, attention_mask))
+
+    def step(
+        self,
+        state: DecodeState,
+        new_tokens: Int[Tensor, "batch 1"],
+        attention_mask: Int[Tensor, "batch seq_so_far"],
+    ) -> Float[Tensor, "batch 1 vocab"]:
+        """Logits of ``new_tokens`` appended to the sequence; ``attention_mask`` covers all of it."""
+        tokens, _ = state.cache
+        tokens = torch.cat([tokens, new_tokens], dim=1)
+        state.cache = (tokens, attention_mask)
+        return self.logits(tokens, attention_mask)[:, -1:]
+
+    def forward_hooks_for_tracking(self, on_forward: Callable[..., None]) -> list[Any]:
+        """Install what lets interventions learn the token positions of forwards they did not start.
+
+        ``on_forward(x, offset, cached, attention_mask)`` must be called before every forward with
+        its input ``x`` (ids or embeddings), the number of tokens already in its KV cache, whether
+        a cache was passed, and the attention mask. Returns removable handles. The default watches
+        the root module's call and reads a transformers-style ``past_key_values``.
+        """
+
+        def pre(module: Any, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
+            if x is None:
+                x = kwargs.get("inputs_embeds")
+            cache = kwargs.get("past_key_values")
+            offset = 0
+            if cache is not None and hasattr(cache, "get_seq_length"):
+                offset = int(cache.get_seq_length())
+            on_forward(x, offset, cache is not None, kwargs.get("attention_mask"))
+
+        return [self.model.register_forward_pre_hook(pre, with_kwargs=True)]
+
+    def prefix_state(self, prefix: Sequence[int]) -> tuple[Float[Tensor, " vocab"], Any]:
+        """The logits after ``prefix`` and a state to score many continuations of it with
+        :meth:`continuation_logits` (by default the prefix itself, recomputed each time)."""
+        toks = torch.tensor([list(prefix)], device=self.input_device)
+        return self.logits(toks, None)[0, -1], list(prefix)
+
+    def continuation_logits(
+        self, state: Any, rows: Int[Tensor, "n length"]
+    ) -> Float[Tensor, "n length vocab"]:
+        """Logits at each token of ``rows``, each continuing the prefix of :meth:`prefix_state`."""
+        prefix = torch.tensor([state], device=rows.device).expand(rows.shape[0], -1)
+        return self.logits(torch.cat([prefix, rows], 1), None)[:, len(state) :]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} for {type(self.model).__name__}>"
+
+
+def _raise_stop(x: Tensor, hook: Any) -> None:
+    raise StopForward
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------------
+
+_REGISTRY: list[type[ModelAdapter]] = []
+_CACHE: weakref.WeakKeyDictionary[Any, ModelAdapter] = weakref.WeakKeyDictionary()
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Register an adapter class (usable as a decorator). Later registrations are tried first.
+
+    Example:
+        >>> class Mine(ModelAdapter):
+        ...     name = "mine"
+        ...     @classmethod
+        ...     def matches(cls, model):
+        ...         return False
+        >>> register_adapter(Mine) is Mine and registered_adapters()[0] == "mine"
+        True
+        >>> unregister_adapter(Mine)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, ModelAdapter)):
+        raise AdapterError(f"register_adapter takes a ModelAdapter subclass, got {cls!r}")
+    if cls in _REGISTRY:
+        _REGISTRY.remove(cls)
+    _REGISTRY.insert(0, cls)
+    return cls
+
+
+def unregister_adapter(cls: type[ModelAdapter]) -> None:
+    """Remove an adapter class registered with :func:`register_adapter` (and its cached uses)."""
+    if cls in _REGISTRY:
+        _REGISTRY.remove(cls)
+    for model, adapter in list(_CACHE.items()):
+        if type(adapter) is cls:
+            del _CACHE[model]
+
+
+def registered_adapters() -> list[str]:
+    """Names of the registered adapters, in the order they are tried."""
+    return [c.name for c in _REGISTRY]
+
+
+def set_adapter(model: Any, adapter: ModelAdapter) -> ModelAdapter:
+    """Use ``adapter`` for ``model`` from now on (what ``load_model(..., layers=...)`` does)."""
+    _CACHE[model] = adapter
+    return adapter
+
+
+def adapter_for(model: Any) -> ModelAdapter:
+    """The adapter that runs ``model`` (cached per model object).
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> adapter_for(tiny_hooked_transformer()).name
+        'hooked'
+    """
+    if isinstance(model, ModelAdapter):
+        return model
+    try:
+        found = _CACHE.get(model)
+    except TypeError:  # unhashable / not weak-referenceable
+        found = None
+    if found is not None:
+        return found
+    for cls in _REGISTRY:
+        if cls.matches(model):
+            adapter = cls(model)
+            with contextlib.suppress(TypeError):
+                _CACHE[model] = adapter
+            return adapter
+    tried = ", ".join(registered_adapters())
+    raise AdapterError(
+        f"modeldiff cannot run a {type(model).__name__}: no model adapter matches it.\n"
+        f"Tried: {tried}.\n"
+        "Fix: load it with modeldiff.load_model(source) (a transformers model, folder, GGUF file or "
+        "TransformerLens model), or for a custom torch decoder name its layer list: "
+        "load_model(module, layers='model.layers', tokenizer=tok). To add a family, see "
+        "docs/adapters.md."
+    )
