@@ -7,6 +7,12 @@ import torch
 from modeldiff._hooks import add_hook
 
 
+def plain_logits(model, ids):
+    """The model's own forward on token ids: TransformerLens returns logits, transformers an output."""
+    out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 def reference_greedy(model, prompt, direction, site, coefficient, positions, n):
     """Greedy decoding without any cache, re-running the full sequence with an explicit mask."""
     ids = list(prompt)
@@ -28,7 +34,7 @@ def reference_greedy(model, prompt, direction, site, coefficient, positions, n):
         h = add_hook(model, site, add)
         try:
             with torch.no_grad():
-                logits = model(torch.tensor([ids]))
+                logits = plain_logits(model, torch.tensor([ids]))
         finally:
             h.remove()
         ids.append(int(logits[0, -1].argmax()))

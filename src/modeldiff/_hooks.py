@@ -19,6 +19,7 @@ __all__ = [
     "Hooks",
     "StopForward",
     "add_hook",
+    "add_lens_hook",
     "hook_point",
     "run_until",
     "torch_handles",
@@ -39,7 +40,12 @@ def hook_point(model: Any, name: str) -> Any:
         >>> hook_point(tiny_hooked_transformer(), "blocks.0.hook_resid_post").name
         'blocks.0.hook_resid_post'
     """
-    points = model.hook_dict
+    points = getattr(model, "hook_dict", None)
+    if points is None:
+        raise KeyError(
+            f"hook point {name!r}: this {type(model).__name__} is not a TransformerLens model and "
+            "has no named hook points; hook a Site instead (e.g. Site.resid_post(3))."
+        )
     if name in points:
         return points[name]
     stem = name.rsplit(".", 1)[-1]
@@ -82,15 +88,17 @@ def torch_handles(*handles: Any) -> HookHandle:
     return HookHandle(undo)
 
 
-def add_hook(model: Any, name: str, fn: HookFn, *, prepend: bool = False) -> HookHandle:
-    """Register ``fn(activation, hook) -> activation | None`` at hook point ``name``.
+def add_lens_hook(
+    model: Any, name: str, fn: HookFn, *, prepend: bool = False
+) -> HookHandle:
+    """Register ``fn(activation, hook) -> activation | None`` at TransformerLens hook point ``name``.
 
     Example:
         >>> import torch
         >>> from modeldiff.testing import tiny_hooked_transformer
         >>> m = tiny_hooked_transformer()
         >>> seen = []
-        >>> h = add_hook(m, "blocks.1.hook_resid_post", lambda x, hook: seen.append(x.shape))
+        >>> h = add_lens_hook(m, "blocks.1.hook_resid_post", lambda x, hook: seen.append(x.shape))
         >>> _ = m(torch.tensor([[1, 5, 6]]))
         >>> h.remove(); seen
         [torch.Size([1, 3, 64])]
@@ -109,6 +117,32 @@ def add_hook(model: Any, name: str, fn: HookFn, *, prepend: bool = False) -> Hoo
         point.fwd_hooks = [h for h in point.fwd_hooks if h is not lens_handle]
 
     return HookHandle(undo)
+
+
+def add_hook(model: Any, where: Any, fn: HookFn, *, prepend: bool = False) -> HookHandle:
+    """Register ``fn(activation, hook) -> activation | None`` at ``where`` on any model.
+
+    ``where`` is a :class:`~modeldiff.sites.Site` or site name (hooked through the model's adapter),
+    or, on a TransformerLens model, any other hook-point name (``"hook_embed"``).
+
+    Example:
+        >>> import torch
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer()
+        >>> seen = []
+        >>> h = add_hook(m, "resid_post:1", lambda x, hook: seen.append(x.shape))
+        >>> _ = m(torch.tensor([[1, 5, 6]]))
+        >>> h.remove(); seen
+        [torch.Size([1, 3, 64])]
+    """
+    from .adapters import adapter_for
+    from .sites import Site, SiteError
+
+    try:
+        site = Site.parse(where)
+    except SiteError:
+        return add_lens_hook(model, str(where), fn, prepend=prepend)
+    return adapter_for(model).add_hook(site, fn, prepend=prepend)
 
 
 class Hooks:
@@ -130,17 +164,8 @@ class Hooks:
         self._handles: list[HookHandle] = []
 
     def add(self, where: Any, fn: HookFn, *, prepend: bool = False) -> HookHandle:
-        """Hook ``where``: a :class:`~modeldiff.sites.Site` or site name (through the model's
-        adapter), or on a TransformerLens model any other hook-point name."""
-        from .adapters import adapter_for
-        from .sites import Site, SiteError
-
-        try:
-            site = Site.parse(where)
-        except SiteError:
-            handle = add_hook(self.model, str(where), fn, prepend=prepend)
-        else:
-            handle = adapter_for(self.model).add_hook(site, fn, prepend=prepend)
+        """Hook ``where`` (a site, or a TransformerLens hook-point name), see :func:`add_hook`."""
+        handle = add_hook(self.model, where, fn, prepend=prepend)
         self._handles.append(handle)
         return handle
 

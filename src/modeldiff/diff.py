@@ -993,8 +993,8 @@ def diff_latents(
         "positions": positions if isinstance(positions, str) else "explicit",
         "include_bos": include_bos,
         "n_prompts": len(tokenized),
-        "base_model": str(getattr(base.cfg, "model_name", "")),
-        "finetuned_model": str(getattr(finetuned.cfg, "model_name", "")),
+        "base_model": adapter_for(base).model_name,
+        "finetuned_model": adapter_for(finetuned).model_name,
     }
     return LatentDiff.from_stats(
         stats_b,

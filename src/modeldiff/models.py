@@ -460,6 +460,8 @@ def _native_object(model: Any, opts: _Opts) -> Any:
         model.tokenizer = tok
     if opts.layers is not None:
         model.modeldiff_layers = opts.layers  # found again by the adapter, also on copies
+    if opts.name is not None:
+        model.modeldiff_name = opts.name
     set_adapter(model, NativeAdapter(model, layers=opts.layers))
     return model
 
@@ -708,7 +710,8 @@ def _wrap_hf(hf: Any, tokenizer: Any, opts: _Opts, name: str) -> Any:
                 + "; leave compatibility_mode unset."
             )
         return _native_object(
-            hf, replace(opts, tokenizer=tokenizer, dtype=None, device=None, device_map=None)
+            hf,
+            replace(opts, tokenizer=tokenizer, dtype=None, device=None, device_map=None, name=name),
         )
     device, dtype, processed = opts.device_or_default, opts.dtype_or_default, bool(opts.processed)
     if wrapper == "bridge":

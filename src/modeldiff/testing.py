@@ -148,7 +148,18 @@ def tiny_hooked_transformer(
     return model
 
 
-_FAMILIES = ("gpt2", "llama", "qwen2", "gemma2", "mistral")
+_FAMILIES = (
+    "gpt2",
+    "llama",
+    "qwen2",
+    "gemma2",
+    "mistral",
+    # families TransformerLens 3.9's TransformerBridge does not support (run natively)
+    "persimmon",
+    "biogpt",
+    "gpt_neox_japanese",
+    "helium",
+)
 
 
 def save_tiny_hf_model(
@@ -162,8 +173,10 @@ def save_tiny_hf_model(
 ) -> Path:
     """Write a tiny random Hugging Face model of ``family`` plus a local tokenizer to ``path``.
 
-    ``family`` is one of ``gpt2``, ``llama``, ``qwen2``, ``gemma2``, ``mistral``. The folder is
-    what ``save_pretrained`` writes, so it loads like any local checkpoint.
+    ``family`` is one of ``gpt2``, ``llama``, ``qwen2``, ``gemma2``, ``mistral``, or one the
+    TransformerBridge does not know: ``persimmon``, ``biogpt``, ``gpt_neox_japanese``,
+    ``helium``. The folder is what ``save_pretrained`` writes, so it loads like any local
+    checkpoint.
 
     Example:
         >>> import tempfile
@@ -198,7 +211,21 @@ def save_tiny_hf_model(
             "max_position_embeddings": 128,
             **common,
         }
-        if family == "llama":
+        if family == "persimmon":
+            decoder.pop("num_key_value_heads")
+            cfg, cls = transformers.PersimmonConfig(**decoder), transformers.PersimmonForCausalLM
+        elif family == "biogpt":
+            decoder.pop("num_key_value_heads")
+            cfg, cls = transformers.BioGptConfig(**decoder), transformers.BioGptForCausalLM
+        elif family == "gpt_neox_japanese":
+            decoder.pop("num_key_value_heads")
+            decoder["intermediate_multiple_size"] = 2
+            cfg = transformers.GPTNeoXJapaneseConfig(**decoder)
+            cls = transformers.GPTNeoXJapaneseForCausalLM
+        elif family == "helium":
+            cfg = transformers.HeliumConfig(head_dim=hidden_size // 4, **decoder)
+            cls = transformers.HeliumForCausalLM
+        elif family == "llama":
             cfg, cls = transformers.LlamaConfig(**decoder), transformers.LlamaForCausalLM
         elif family == "qwen2":
             cfg, cls = transformers.Qwen2Config(**decoder), transformers.Qwen2ForCausalLM

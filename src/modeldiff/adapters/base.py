@@ -137,6 +137,14 @@ class ModelAdapter:
         return type(self.model).__name__
 
     @property
+    def model_name(self) -> str:
+        """A short name recorded in results (``load_model(..., name=...)`` sets it)."""
+        name = getattr(self.model, "modeldiff_name", None) or getattr(
+            self.model, "name_or_path", ""
+        )
+        return str(name or type(self.model).__name__).rstrip("/").split("/")[-1]
+
+    @property
     def weights_processed(self) -> bool:
         """True when the weights were rewritten (TransformerLens' folded norms and centring)."""
         return False
@@ -177,16 +185,20 @@ class ModelAdapter:
     def check_site(self, site: Site) -> Site:
         """``site`` if the model has it, else a :class:`SiteError` listing the valid ones."""
         n = self.n_layers
+        if site.layer < n and self.has_site(site):
+            return site
         kinds = sorted({k for L in range(n) for k in self.site_kinds(L)}, key=KINDS.index)
         listing = f"Valid sites: {', '.join(kinds)} at layers 0..{n - 1}."
         if site.layer >= n:
             raise SiteError(
                 f"layer {site.layer} is out of range: the model has {n} layers (0..{n - 1}). {listing}"
             )
-        if site.kind not in self.site_kinds(site.layer):
-            why = self.why_no_site(site)
-            raise SiteError(f"the model has no hook {site.hook_name!r}{why}. {listing}")
-        return site
+        why = self.why_no_site(site)
+        raise SiteError(f"the model has no hook {site.hook_name!r}{why}. {listing}")
+
+    def has_site(self, site: Site) -> bool:
+        """Whether the model has ``site`` (``site.layer`` is known to be in range)."""
+        return site.kind in self.site_kinds(site.layer)
 
     def why_no_site(self, site: Site) -> str:
         """A short reason a site kind is missing (appended to the error)."""
@@ -247,7 +259,8 @@ class ModelAdapter:
             x = args[0] if args else kwargs.get("input", kwargs.get("input_ids"))
             if x is None:
                 x = kwargs.get("inputs_embeds")
-            cache = kwargs.get("past_key_values")
+            # transformers >= 5.2x calls it `cache`; older versions and the Bridge `past_key_values`
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
             offset = 0
             if cache is not None and hasattr(cache, "get_seq_length"):
                 offset = int(cache.get_seq_length())

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._hooks import HookFn, HookHandle, add_hook
+from .._hooks import HookFn, HookHandle, add_lens_hook
 from ..sites import KINDS, Site
 from .base import DecodeState, ModelAdapter, register_adapter
 
@@ -40,6 +40,10 @@ class _LensAdapter(ModelAdapter):
         return bool(getattr(self.model.cfg, "default_prepend_bos", False))
 
     @property
+    def model_name(self) -> str:
+        return str(getattr(self.model.cfg, "model_name", "") or "")
+
+    @property
     def architecture(self) -> str:
         cfg = self.model.cfg
         for attr in ("architecture", "original_architecture"):
@@ -53,7 +57,7 @@ class _LensAdapter(ModelAdapter):
         return tuple(k for k in KINDS if f"blocks.{layer}.hook_{k}" in points)
 
     def add_hook(self, site: Site, fn: HookFn, *, prepend: bool = False) -> HookHandle:
-        return add_hook(self.model, site.hook_name, fn, prepend=prepend)
+        return add_lens_hook(self.model, site.hook_name, fn, prepend=prepend)
 
     def logits(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
         if attention_mask is None:

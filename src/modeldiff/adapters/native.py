@@ -169,11 +169,12 @@ class NativeAdapter(ModelAdapter):
     """A transformers causal LM (any family) or a custom torch decoder, run as it is.
 
     Forward passes are the model's own; generation decodes with transformers' KV cache
-    (``past_key_values``) on transformers models, and by recomputation on custom modules.
+    (``cache`` / ``past_key_values``) on transformers models, and by recomputation on custom modules.
 
     Example:
         >>> import tempfile
         >>> from modeldiff import load_model
+        >>> from modeldiff.adapters import adapter_for
         >>> from modeldiff.testing import save_tiny_hf_model
         >>> m = load_model(save_tiny_hf_model("llama", tempfile.mkdtemp()), wrapper="native")
         >>> a = adapter_for(m)
@@ -207,6 +208,8 @@ class NativeAdapter(ModelAdapter):
             k: k in params or "kwargs" in params for k in ("attention_mask", "position_ids")
         }
         self._ids_kw = "input_ids" in params
+        # transformers >= 5.2x renamed the KV-cache argument from past_key_values to cache
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @property
     def supports_cache(self) -> bool:  # type: ignore[override]
@@ -331,6 +334,10 @@ class NativeAdapter(ModelAdapter):
         if self._kinds is None:
             self._kinds = self._find_kinds()
         return self._kinds.get(layer, ("resid_pre", "resid_post"))
+
+    def has_site(self, site: Site) -> bool:
+        # the residual stream around each layer always exists: no probe forward needed for it
+        return site.kind in ("resid_pre", "resid_post") or super().has_site(site)
 
     def why_no_site(self, site: Site) -> str:
         return f" ({self._why})" if self._why else ""
@@ -551,7 +558,7 @@ class NativeAdapter(ModelAdapter):
         if not self._hf:
             return super().prefill(tokens, attention_mask)
         out = self._call(tokens, attention_mask, use_cache=True)
-        return _logits_of(out), DecodeState(out.past_key_values)
+        return _logits_of(out), DecodeState(_cache_of(out))
 
     def step(self, state: DecodeState, new_tokens: Tensor, attention_mask: Tensor) -> Tensor:
         if not self._hf:
@@ -561,10 +568,10 @@ class NativeAdapter(ModelAdapter):
             new_tokens,
             attention_mask,
             use_cache=True,
-            past_key_values=state.cache,
             position_ids=position,
+            **{self._cache_kw: state.cache},
         )
-        state.cache = out.past_key_values
+        state.cache = _cache_of(out)
         return _logits_of(out)
 
 
@@ -580,6 +587,11 @@ def _logits_of(out: Any) -> Tensor:
         f"the model's forward returned {type(out).__name__}; modeldiff needs logits (a tensor, a "
         "tuple starting with them, or an object with .logits). Wrap the module so it returns them."
     )
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _forward_params(model: Any) -> set[str]:
