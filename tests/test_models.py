@@ -463,3 +463,32 @@ def test_like_architecture_and_processing(base_llama, folders):
     with pytest.raises(ValueError, match=r"compatibility mode"):
         load_model(folders["llama"], compatibility_mode=True, like=base_llama)
     check_compatible(base_llama, base_llama)
+
+
+@pytest.mark.slow
+def test_gguf_loaded_models_save_reload_and_find_their_tokenizer(smollm2_path, tmp_path):
+    """First contact with SmolLM2: transformers refuses to save a GGUF-loaded model as 'quantized
+    with gguf'; save_model writes it; a GGUF-loaded HF object finds the tokenizer in its GGUF."""
+    from transformers import AutoModelForCausalLM
+
+    from modeldiff.models import save_model
+
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    with pytest.raises(ValueError, match="gguf"):
+        hf.save_pretrained(tmp_path / "plain")  # what a new user hits first
+    # no tokenizer= needed: it is read from the GGUF file (both the Bridge and the native path)
+    assert len(load_model(hf).tokenizer) == 49152
+    native = load_model(hf, wrapper="native")
+    assert model_kind(native) == "native" and native is hf
+    assert native.tokenizer.chat_template and len(native.tokenizer) == 49152
+    out = save_model(native, tmp_path / "saved")
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert hf.quantization_method == "gguf"  # the model itself keeps its marks
+    again = load_model(out, wrapper="native")
+    saved, orig = again.state_dict(), hf.state_dict()
+    assert saved.keys() == orig.keys()
+    assert all(torch.equal(saved[k], orig[k]) for k in orig)  # the de-quantized weights, exactly
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():  # eager (ours) vs sdpa (transformers' default) attention: 1e-4
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+    assert again.tokenizer.get_vocab() == native.tokenizer.get_vocab()

@@ -779,10 +779,23 @@ def _prepare(
     site = Site.parse(site) if site is not None else Site.from_sae(sae)
     if finetuned is not None:
         _check_pair(base, finetuned)
+    if finetuned is not None:
+        _check_placement(base, finetuned, site)
     sae = check_sae(sae, base, site, convert=convert_sae)
     if finetuned is not None:
         check_sae(sae, finetuned, site, convert=False)
     return sae, site
+
+
+def _check_placement(base: Any, finetuned: Any, site: Site) -> None:
+    """One SAE reads both models' activations at ``site``: they must be on one device."""
+    db, df = adapter_for(base).site_device(site), adapter_for(finetuned).site_device(site)
+    if db != df:
+        raise ValueError(
+            f"the base model's activations at {site.hook_name} are on {db} but the fine-tuned "
+            f"model's on {df}; one SAE reads both. Place the two models alike (the same device= "
+            "or device_map= in load_model), or move one: finetuned.to(...)."
+        )
 
 
 def _check_pair(base: Any, finetuned: Any) -> None:
@@ -909,7 +922,7 @@ def diff_latents(
     float64 statistics accumulate batch by batch; no activations are kept.
 
     Args:
-        base, finetuned: TransformerLens models (HookedTransformer or TransformerBridge) of the same
+        base, finetuned: models from :func:`~modeldiff.load_model` (any adapter) of the same
             architecture and tokenizer.
         sae: an sae-lens SAE, a saved SAE folder or ``"release/sae_id"`` (see :func:`load_sae`).
         prompts: strings, chat message lists (chat template applied) or ``(prompt, response)``

@@ -15,7 +15,7 @@ absolute position of every token in every forward is known:
 * while :func:`modeldiff.generation.generate` runs, it publishes them (see :func:`forward_positions`);
 * otherwise a position tracker, installed once per model while a position-restricted intervention is
   active, reads the offset of each forward from the KV cache passed in (HookedTransformer's
-  ``past_kv_cache``, a Hugging Face cache on a TransformerBridge) and each row's padding from the
+  ``past_kv_cache``, a Hugging Face cache elsewhere: the adapter says where to look) and each row's padding from the
   attention mask. A forward without a cache that extends the previous forward by exactly one token
   (what ``generate(use_past_kv_cache=False)`` does) is treated as the next decoding step of the same
   prompt; any other forward starts a new prompt.

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from .._hooks import HookHandle
 from .base import (
     AdapterError,
     DecodeState,
@@ -33,6 +34,7 @@ __all__ = [
     "AdapterError",
     "BridgeAdapter",
     "DecodeState",
+    "HookHandle",
     "HookedAdapter",
     "ModelAdapter",
     "NativeAdapter",

@@ -46,7 +46,7 @@ _MAX_DIGITS = 3  # integers up to 100
 
 
 class LocalJudge:
-    """Judge answers with a local TransformerLens model (HookedTransformer or TransformerBridge).
+    """Judge answers with a local model (any model :func:`~modeldiff.load_model` returns).
 
     Args:
         model: the judge model, e.g. ``load_model("path/to/SmolLM2-135M-Instruct.gguf")``.
