@@ -426,3 +426,22 @@ def test_custom_module_is_used_as_is_and_needs_a_tokenizer():
         load_model(module, layers="stack")
     model = load_model(module, layers="stack", tokenizer=make_tokenizer())
     assert model is module and model.tokenizer is not None
+
+
+def test_a_diff_of_models_placed_apart_is_refused_before_any_forward(folders):
+    base = load_model(folders["helium"])
+    tuned = load_model(folders["helium"], like=base)
+    adapter = adapter_for(tuned)
+    adapter.site_device = lambda site: torch.device("meta")  # as if layer 0 sat on another device
+    calls = []
+    handle = base.register_forward_pre_hook(lambda m, a: calls.append(1))
+    sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=16, k=4))
+    try:
+        with pytest.raises(
+            ValueError, match=r"on cpu but the fine-tuned model's on meta.*Place the two"
+        ):
+            diff_latents(base, tuned, sae, PROMPTS, site=Site.resid_post(0), progress=False)
+    finally:
+        handle.remove()
+        del adapter.site_device
+    assert calls == []

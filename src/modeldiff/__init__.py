@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 # Loading models and SAEs
-from .models import check_compatible, load_model, model_kind
+from .models import check_compatible, load_model, model_kind, save_model
 from .saes import SAEError, load_sae
 
 # Where in the model, and activations there
@@ -103,6 +103,7 @@ __all__ = [
     "resolve_direction",
     "screen_latents",
     "steer",
+    "save_model",
     "sweep",
     "tokenize_prompts",
 ]
