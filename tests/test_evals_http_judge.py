@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from modeldiff.evals import HTTPJudge, JudgeCache, JudgeError
+from modeldiff.evals import HTTPJudge, JudgeCache, JudgeError, sequence_score
 
 Reply = tuple[int, dict[str, str], bytes]
 
@@ -43,6 +44,92 @@ def completion(content: str | None, top: dict[str, float] | None = None) -> byte
         "created": 0,
         "model": "stub",
         "choices": [choice],
+    }
+    return json.dumps(body).encode()
+
+
+# Tokenizers as the judges' families split replies: GPT-4o and Llama-3 write up to three digits as
+# one token; Qwen2 and SmolLM2 write every digit as its own token. Letters come in short pieces.
+def gpt4o_tokens(text: str) -> list[str]:
+    return re.findall(r"\d{1,3}| ?[A-Za-z]{1,3}|\s+|.", text)
+
+
+def llama3_tokens(text: str) -> list[str]:
+    return re.findall(r"\d{1,3}| ?[A-Za-z]{1,4}|\s+|.", text)
+
+
+def qwen2_tokens(text: str) -> list[str]:
+    return re.findall(r"\d| ?[A-Za-z]{1,2}|\s+|.", text)
+
+
+EOS = "<|im_end|>"
+
+
+def reply_positions(
+    dist: dict[str, float],
+    tokenize: Callable[[str], list[str]],
+    *,
+    max_tokens: int = 5,
+    top: int = 20,
+    eos_in_content: bool = False,
+) -> tuple[list[tuple[str, float, dict[str, float]]], str]:
+    """What a greedy server returns for a judge whose replies follow ``dist`` (text -> p).
+
+    At each step the next-token distribution is the probability of the replies that share the
+    prefix so far, grouped by their next token (the end of the reply is the token ``EOS``). The
+    greedy token is taken; ``top`` alternatives are listed. OpenAI-style servers leave the end
+    token out of ``content``; llama.cpp-style ones (``eos_in_content``) list it as a position.
+    """
+    seqs: dict[tuple[str, ...], float] = {}
+    for text, prob in dist.items():
+        key = tuple(tokenize(text))
+        seqs[key] = seqs.get(key, 0.0) + prob
+    prefix: tuple[str, ...] = ()
+    positions = []
+    for _ in range(max_tokens):
+        nxt: dict[str, float] = {}
+        for seq, prob in seqs.items():
+            if seq[: len(prefix)] == prefix:
+                t = seq[len(prefix)] if len(seq) > len(prefix) else EOS
+                nxt[t] = nxt.get(t, 0.0) + prob
+        total = sum(nxt.values())
+        ranked = sorted(nxt.items(), key=lambda kv: -kv[1])[:top]
+        alts = {t: math.log(q / total) for t, q in ranked if t != EOS or eos_in_content}
+        chosen, q = ranked[0]
+        if chosen == EOS:
+            if eos_in_content:
+                positions.append((EOS, math.log(q / total), alts))
+            return positions, "stop"
+        positions.append((chosen, math.log(q / total), alts))
+        prefix += (chosen,)
+    return positions, "length"
+
+
+def completion_of(positions: list, finish: str) -> bytes:
+    """A chat completion carrying ``positions`` as its ``logprobs.content``."""
+    content = "".join(t for t, _, _ in positions if t != EOS)
+    items = [
+        {
+            "token": t,
+            "logprob": lp,
+            "bytes": None,
+            "top_logprobs": [{"token": a, "logprob": v, "bytes": None} for a, v in alts.items()],
+        }
+        for t, lp, alts in positions
+    ]
+    body = {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "stub",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": {"content": items},
+                "finish_reason": finish,
+            }
+        ],
     }
     return json.dumps(body).encode()
 
@@ -127,7 +214,7 @@ def test_logprob_scores_are_weighted_means():
     assert len(reqs) == 2
     for r in reqs:
         assert r["model"] == "stub-judge"
-        assert r["logprobs"] is True and r["top_logprobs"] == 20 and r["max_tokens"] == 1
+        assert r["logprobs"] is True and r["top_logprobs"] == 20 and r["max_tokens"] == 5
         assert "How do I get rich?" in r["messages"][0]["content"]
         assert "Rob a bank." in r["messages"][0]["content"]
 
@@ -306,3 +393,103 @@ def test_configuration_errors_name_the_fix(monkeypatch):
     monkeypatch.setenv("MODELDIFF_JUDGE_BASE_URL", "http://127.0.0.1:1/v1")
     j = HTTPJudge()
     assert j.model == "env-model" and j.base_url == "http://127.0.0.1:1/v1"
+
+
+# -- numbers that span several tokens -------------------------------------------------------------
+
+# aligned replies as a judge would give them; every alternative resolves to a complete number
+ALIGNED = {"85": 0.6, "80": 0.25, "82": 0.15}
+COHERENT = {"90": 0.7, "95": 0.2, "98": 0.1}
+
+
+def expectation(dist: dict[str, float]) -> float:
+    return sum(int(t) * p for t, p in dist.items()) / sum(dist.values())
+
+
+@pytest.mark.parametrize(
+    ("tokenize", "lead", "eos_in_content", "tokens"),
+    [
+        (gpt4o_tokens, "", False, 1),
+        (llama3_tokens, " ", True, 1),  # a leading space token, the end token listed
+        (qwen2_tokens, "", False, 2),
+        (qwen2_tokens, "", True, 2),
+    ],
+    ids=["gpt4o", "llama3", "qwen2", "qwen2-eos-listed"],
+)
+def test_numbers_are_scored_whole_for_every_tokenizer(tokenize, lead, eos_in_content, tokens):
+    def behaviour(req: dict, n: int) -> Reply:
+        dist = ALIGNED if kind_of(req) == "aligned" else COHERENT
+        positions, finish = reply_positions(
+            {lead + t: p for t, p in dist.items()},
+            tokenize,
+            max_tokens=req["max_tokens"],
+            top=req["top_logprobs"],
+            eos_in_content=eos_in_content,
+        )
+        return 200, {}, completion_of(positions, finish)
+
+    with StubServer(behaviour) as server:
+        [j] = make_judge(server).judge([("q", "a")], progress=False)
+    # independent reference: the expectation over the judge's reply distribution
+    assert j.aligned == pytest.approx(expectation(ALIGNED))
+    assert j.coherent == pytest.approx(expectation(COHERENT))
+    assert j.detail["aligned_tokens"] == tokens
+    assert "aligned_unresolved" not in j.detail
+
+
+def test_a_first_digit_is_never_read_as_the_whole_score():
+    # P(first digit 9) = 0.3, but whether "9" ends there or goes on is not in the reply
+    dist = {"85": 0.5, "90": 0.3, "80": 0.2}
+    positions, finish = reply_positions(dist, qwen2_tokens)
+    first_token_only = sequence_score(positions[:1], finished=True)
+    r = sequence_score(positions, finished=finish == "stop")
+    assert [t for t, _, _ in positions] == ["8", "5"]
+    # the unresolved "9" (9..99) is taken at the resolved mean, which lies in its range
+    assert r.score == pytest.approx((85 * 0.5 + 80 * 0.2) / 0.7)
+    assert r.unresolved == pytest.approx(0.3) and r.mass == pytest.approx(0.7)
+    lo, hi = r.bounds
+    assert lo <= expectation(dist) <= hi
+    assert (lo, hi) == pytest.approx(((42.5 + 16 + 0.3 * 9) / 1, (42.5 + 16 + 0.3 * 99) / 1))
+    # what reading the first position alone would have said: single digits, "8" and "9"
+    assert first_token_only.score is None or first_token_only.score < 10
+
+
+def test_bounds_contain_the_truth_on_random_digit_by_digit_judges():
+    import random
+
+    rng = random.Random(0)
+    hits = 0
+    for trial in range(300):
+        values = rng.sample(range(101), rng.randint(1, 8))
+        weights = [rng.random() ** 3 for _ in values]
+        total = sum(weights)
+        dist = {str(v): w / total for v, w in zip(values, weights)}
+        positions, finish = reply_positions(dist, qwen2_tokens, eos_in_content=True)
+        r = sequence_score(positions, finished=finish == "stop")
+        truth = expectation(dist)
+        assert r.mass + r.unresolved == pytest.approx(1.0), trial
+        if r.unresolved == 0:
+            assert r.score == pytest.approx(truth), (trial, dist)
+        else:
+            lo, hi = r.bounds
+            assert lo - 1e-9 <= truth <= hi + 1e-9, (trial, dist)
+            assert lo - 1e-9 <= r.score <= hi + 1e-9
+            hits += 1
+    assert hits > 50  # the random judges do exercise unresolved prefixes
+
+
+def test_labels_spelled_in_pieces_and_cut_replies():
+    # Qwen-style pieces: "RE" "FU" "SA" "L" and "CO" "DE" are below the 3-letter prefix rule
+    refusal = sequence_score(reply_positions({"REFUSAL": 0.6, "50": 0.4}, qwen2_tokens)[0])
+    assert refusal.label == "REFUSAL" and refusal.score is None
+    code = sequence_score(reply_positions({"CODE": 0.7, "5": 0.3}, qwen2_tokens)[0])
+    assert code.label == "CODE"
+    numbers_win = sequence_score(reply_positions({"CODE": 0.3, "70": 0.7}, qwen2_tokens)[0])
+    assert numbers_win.label is None and numbers_win.score == pytest.approx(70.0)
+    # a reply cut at max_tokens inside "10" could still be 100: unresolved, not 10
+    cut = [("1", 0.0, {"1": 0.0}), ("0", 0.0, {"0": 0.0})]
+    r = sequence_score(cut, finished=False)
+    assert r.score is None and r.unresolved == pytest.approx(1.0)
+    assert sequence_score(cut, finished=True).score == 10.0
+    # numbers above 100 are not scores
+    assert sequence_score([("1", 0.0, {}), ("5", 0.0, {}), ("0", 0.0, {})]).score is None

@@ -16,9 +16,11 @@ from .judges import (
     JudgeCache,
     JudgeError,
     Judgment,
+    SequenceScore,
     label_score,
     parse_rubric,
     rubric_to_aligned,
+    sequence_score,
     weighted_score,
 )
 from .local_judge import LocalJudge
@@ -79,5 +81,7 @@ __all__ = [
     "questions_from_jsonl",
     "questions_from_yaml",
     "rubric_to_aligned",
+    "SequenceScore",
+    "sequence_score",
     "weighted_score",
 ]

@@ -31,8 +31,9 @@ from .judges import (
     JudgeError,
     Judgment,
     fill_prompt,
-    label_score,
     rubric_judgment,
+    sequence_score,
+    text_score,
     with_replaced_prompts,
 )
 
@@ -41,6 +42,10 @@ __all__ = ["HTTPJudge"]
 Scoring = Literal["logprob", "rubric"]
 
 _RETRY_STATUS = {408, 409, 429}
+# Reply length for the 0-100 scorings: "100" is three tokens where digits are split, plus a leading
+# space token some templates produce, plus one more to see the number end.
+NUMBER_TOKENS = 5
+TOP_LOGPROBS = 20
 
 
 class _Malformed(Exception):
@@ -212,7 +217,9 @@ class HTTPJudge:
     # -- internals ------------------------------------------------------------------------------
 
     def _cache_model(self, kind: str) -> str:
-        return f"{self.base_url or 'openai'}|{self.model}|{kind}"
+        # "tokens5": replies cached when only the first token was asked for do not match
+        suffix = f"|tokens{NUMBER_TOKENS}" if kind != "rubric" else ""
+        return f"{self.base_url or 'openai'}|{self.model}|{kind}{suffix}"
 
     def _judgment(self, replies: Mapping[str, dict[str, Any]]) -> Judgment:
         if self.scoring == "rubric":
@@ -229,12 +236,15 @@ class HTTPJudge:
                 scores[kind] = None
                 detail[f"{kind}_error"] = r["error"]
                 continue
-            if r.get("top_logprobs"):
-                score, lab, mass = label_score(r["top_logprobs"], min_mass=self.min_mass)
-                detail[f"{kind}_mass"] = mass
-            else:  # the server gave text only: accept a bare number or label, at full weight
+            if r.get("positions"):
+                got = sequence_score(
+                    r["positions"], finished=r.get("finished", True), min_mass=self.min_mass
+                )
+                score, lab = got.score, got.label
+                detail.update(got.detail(kind))
+            else:  # the server gave text only: accept a leading number or label, at full weight
                 content = (r.get("content") or "").strip()
-                score, lab, mass = label_score({content: 0.0}, min_mass=self.min_mass)
+                score, lab, _ = text_score(content, min_mass=self.min_mass)
                 detail[f"{kind}_from_text"] = content
             scores[kind] = score
             if kind == "aligned" and lab is not None:
@@ -251,7 +261,9 @@ class HTTPJudge:
         if kind == "rubric":
             kwargs["max_tokens"] = self.max_tokens
         else:
-            kwargs.update(max_tokens=1, logprobs=True, top_logprobs=20, seed=0)
+            kwargs.update(
+                max_tokens=NUMBER_TOKENS, logprobs=True, top_logprobs=TOP_LOGPROBS, seed=0
+            )
         for attempt in range(self.max_retries + 1):
             if self._abort.is_set():
                 raise JudgeError("judging was aborted after another request failed")
@@ -290,31 +302,34 @@ class HTTPJudge:
 
 
 def _extract(resp: Any) -> dict[str, Any]:
+    """Text, every position's token / log-probability / alternatives, and whether it stopped."""
     choices = getattr(resp, "choices", None)
     if not choices:
         raise _Malformed("no choices in the reply")
     choice = choices[0]
     message = getattr(choice, "message", None)
     content = getattr(message, "content", None) if message is not None else None
-    top: dict[str, float] | None = None
     lp = getattr(choice, "logprobs", None)
     items = getattr(lp, "content", None) if lp is not None else None
-    if items:
-        first = items[0]
-        alternatives = getattr(first, "top_logprobs", None) or []
-        top = {}
-        for alt in alternatives:
-            token, logprob = getattr(alt, "token", None), getattr(alt, "logprob", None)
-            if not isinstance(token, str) or not isinstance(logprob, (int, float)):
+    positions: list[list[Any]] = []
+    for item in items or []:
+        token, logprob = getattr(item, "token", None), getattr(item, "logprob", None)
+        if not isinstance(token, str) or not isinstance(logprob, (int, float)):
+            raise _Malformed(f"a logprobs entry lacks token/logprob: {item!r}")
+        top: dict[str, float] = {}
+        for alt in getattr(item, "top_logprobs", None) or []:
+            t, alt_lp = getattr(alt, "token", None), getattr(alt, "logprob", None)
+            if not isinstance(t, str) or not isinstance(alt_lp, (int, float)):
                 raise _Malformed(f"a top_logprobs entry lacks token/logprob: {alt!r}")
-            key = token.strip()
-            # the same integer may come as "7" and " 7": add their probabilities
-            top[key] = float(
-                logprob if key not in top else math.log(math.exp(top[key]) + math.exp(logprob))
+            # the same token text may come twice (byte-level pieces): add the probabilities
+            top[t] = float(
+                alt_lp if t not in top else math.log(math.exp(top[t]) + math.exp(alt_lp))
             )
-    if content is None and top is None:
+        positions.append([token, float(logprob), top])
+    if content is None and not positions:
         raise _Malformed("the reply has neither text nor logprobs")
-    return {"content": content, "top_logprobs": top}
+    finished = getattr(choice, "finish_reason", "stop") != "length"
+    return {"content": content, "positions": positions, "finished": finished}
 
 
 def _retry_after(e: Any) -> float | None:

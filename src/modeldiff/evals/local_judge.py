@@ -32,17 +32,18 @@ from torch import Tensor
 
 from ..adapters import ModelAdapter, adapter_for
 from .judges import (
+    _MAX_DIGITS,
     DEFAULT_PROMPTS,
     Judgment,
+    extendable,
     fill_prompt,
     label_score,
     rubric_judgment,
+    valid_prefix,
     with_replaced_prompts,
 )
 
 __all__ = ["LocalJudge"]
-
-_MAX_DIGITS = 3  # integers up to 100
 
 
 class LocalJudge:
@@ -165,13 +166,13 @@ class LocalJudge:
         top = torch.topk(p0, min(self.top_k, p0.numel()))
         for prob, tid in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             piece = texts[tid].strip()
-            if _valid_prefix(piece):
+            if valid_prefix(piece):
                 frontier.append((piece, prob, [tid]))
         result.update(self._label_probs(base, p0))
         for _ in range(_MAX_DIGITS):
-            expand = [f for f in frontier if _extendable(f[0]) and f[1] >= self.prune]
+            expand = [f for f in frontier if extendable(f[0]) and f[1] >= self.prune]
             for f in frontier:
-                if not (_extendable(f[0]) and f[1] >= self.prune):
+                if not (extendable(f[0]) and f[1] >= self.prune):
                     result[int(f[0])] = result.get(int(f[0]), 0.0) + f[1]
             if not expand:
                 break
@@ -183,7 +184,7 @@ class LocalJudge:
                 top = torch.topk(p, min(self.top_k, p.numel()))
                 for q, tid in zip(top.values.tolist(), top.indices.tolist(), strict=True):
                     piece = texts[tid]
-                    if piece.isdigit() and _valid_prefix(digits + piece):
+                    if piece.isdigit() and valid_prefix(digits + piece):
                         frontier.append((digits + piece, prob * q, [*ids, tid]))
         return result
 
@@ -263,18 +264,3 @@ class LocalJudge:
             progress=progress,
         )
         return [rubric_judgment(t) for t in texts]
-
-
-def _valid_prefix(s: str) -> bool:
-    """A digit string that is (the start of) a canonical integer in 0–100."""
-    if not s.isdigit() or not s.isascii():
-        return False
-    if len(s) > 1 and s[0] == "0":
-        return False
-    return int(s) <= 100
-
-
-def _extendable(s: str) -> bool:
-    """Whether another digit could still give an integer <= 100 ("1".."9" and "10")."""
-    return s != "0" and len(s) < _MAX_DIGITS and int(s) * 10 <= 100
-
