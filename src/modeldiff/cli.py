@@ -23,13 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import ModeldiffError
+
 __all__ = ["main"]
 
 ORGANISM_PREFIX = "persona-world:"
 _ORGANISM_PARTS = ("base", "finetuned", "control", "sae")
 
 
-class CLIError(Exception):
+class CLIError(ModeldiffError):
     """A user-facing error: printed as one line, exit status 2."""
 
 

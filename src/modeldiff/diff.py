@@ -23,6 +23,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path
 from .adapters import adapter_for
 from .capture import capture, plan_batches
+from .errors import FileFormatError, reading
 from .saes import SAEError, check_sae, load_sae, sae_fingerprint, sae_identity
 from .sites import Site, as_sites
 from .stats import SiteStats, VectorStats, benjamini_hochberg, paired_uncertainty
@@ -194,11 +197,18 @@ class LatentDiff:
         self._resid_delta = resid_delta.detach().cpu() if resid_delta is not None else None
         # Own copies of the statistics: the caller may keep updating the objects it passed in.
         self._stats = None if stats is None else tuple(st.copy() for st in stats)
+        # Latents whose statistics are not finite (NaN/inf activations: broken weights, overflow)
+        # are never ranked: a NaN must not pose as the largest fall.
+        finite = self._cols["mean_base"].isfinite() & self._cols["mean_finetuned"].isfinite()
+        self._unranked = (~finite).nonzero().flatten()
         key = self._cols[rank_by].clone()
         key = torch.nan_to_num(key, nan=-math.inf)
-        self._order = torch.argsort(-key, stable=True)  # ties: smaller latent index first
-        self._rank = torch.empty(d_sae, dtype=torch.long)
-        self._rank[self._order] = torch.arange(1, d_sae + 1)
+        key[~finite] = -math.inf
+        order = torch.argsort(-key, stable=True)  # ties: smaller latent index first
+        self._order = order[finite[order]]
+        self._n_ranked = int(self._order.numel())
+        self._rank = torch.zeros(d_sae, dtype=torch.long)  # 0: not ranked
+        self._rank[self._order] = torch.arange(1, self._n_ranked + 1)
         self._frozen = True
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -264,9 +274,14 @@ class LatentDiff:
         return self.column("q_value")
 
     @property
-    def order(self) -> Int[Tensor, " d_sae"]:
-        """Latent indices from rank #1 to the last rank."""
+    def order(self) -> Int[Tensor, " n_ranked"]:
+        """Latent indices from rank #1 to the last rank (latents with non-finite statistics left out)."""
         return self._order.clone()
+
+    @property
+    def unranked(self) -> list[int]:
+        """Latents whose statistics are not finite (NaN/inf activations), left out of the ranking."""
+        return self._unranked.tolist()
 
     @property
     def resid_delta(self) -> Float[Tensor, " d_model"] | None:
@@ -285,8 +300,17 @@ class LatentDiff:
 
     # -- ranking ---------------------------------------------------------------------------------
     def rank_of(self, latent: int) -> int:
-        """The latent's rank ``#k`` (1-based, descending). Its ``#-k`` is ``rank_of - d_sae - 1``."""
-        return int(self._rank[self._check_latent(latent)])
+        """The latent's rank ``#k`` (1-based, descending). Its ``#-k`` is ``rank_of - n - 1`` with
+        ``n = len(d.order)`` the number of ranked latents (all of them unless some are
+        :attr:`unranked`)."""
+        i = self._check_latent(latent)
+        rank = int(self._rank[i])
+        if rank == 0:
+            raise ValueError(
+                f"latent {i} is not ranked: its statistics are not finite (NaN/inf activations "
+                "reached the SAE). Check the models' and the SAE's weights; see LatentDiff.unranked."
+            )
+        return rank
 
     def latent(self, latent: int) -> LatentRecord:
         """All numbers for one latent, with its decoder row when available."""
@@ -297,7 +321,7 @@ class LatentDiff:
             latent=i,
             site=self._site,
             rank=rank,
-            rank_from_bottom=rank - self._d_sae - 1,
+            rank_from_bottom=rank - self._n_ranked - 1 if rank else 0,
             values={k: float(c[k][i]) for k in _COLUMNS},
             max_base_at=(int(c["max_base_prompt"][i]), int(c["max_base_position"][i])),
             max_finetuned_at=(int(c["max_ft_prompt"][i]), int(c["max_ft_position"][i])),
@@ -306,21 +330,22 @@ class LatentDiff:
 
     def at_rank(self, rank: int) -> LatentRecord:
         """The latent at rank ``#rank``: ``1`` is the largest rise, ``-1`` the largest fall."""
-        if rank == 0 or not -self._d_sae <= rank <= self._d_sae:
-            raise IndexError(
-                f"rank {rank} is out of range: ranks run 1..{self._d_sae} and -1..-{self._d_sae}"
-            )
-        pos = rank - 1 if rank > 0 else self._d_sae + rank
+        n = self._n_ranked
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+            raise TypeError(f"rank must be an integer such as 1 or -1, got {rank!r}")
+        rank = int(rank)
+        if rank == 0 or not -n <= rank <= n:
+            raise IndexError(f"rank {rank} is out of range: ranks run 1..{n} and -1..-{n}")
+        pos = rank - 1 if rank > 0 else n + rank
         return self.latent(int(self._order[pos]))
 
     def top(self, k: int = 10) -> list[LatentRecord]:
         """Records of ranks ``#1 .. #k`` (the largest rises)."""
-        return [self.latent(int(i)) for i in self._order[: max(0, k)]]
+        return [self.latent(int(i)) for i in self._order[: _count(k, "top")]]
 
     def bottom(self, k: int = 10) -> list[LatentRecord]:
         """Records of ranks ``#-1 .. #-k`` (the largest falls), largest fall first."""
-        k = min(max(0, k), self._d_sae)
-        return [self.latent(int(i)) for i in self._order.flip(0)[:k]]
+        return [self.latent(int(i)) for i in self._order.flip(0)[: _count(k, "bottom")]]
 
     def ranked_by(self, metric: str) -> LatentDiff:
         """The same result ranked by another metric (one of :data:`RANKINGS`).
@@ -354,19 +379,26 @@ class LatentDiff:
         """The decoder row of ``latent`` (see :meth:`LatentRecord.as_direction`)."""
         return self.latent(latent).as_direction()
 
+    def check_sae(self, sae: Any) -> None:
+        """Raise :class:`SAEError` unless ``sae`` is the SAE this diff was computed with.
+
+        Compares the latent count and the weight fingerprint recorded at diffing time, so a diff's
+        latent numbers are never read against another SAE's dictionary.
+        """
+        ident = self._meta.get("sae", {})
+        fp = sae_fingerprint(sae)
+        d_sae = int(sae.cfg.d_sae)
+        if d_sae != self._d_sae or ident.get("fingerprint") not in (None, fp):
+            raise SAEError(
+                f"this SAE (d_sae={d_sae}, fingerprint {fp}) is not the one the diff was computed "
+                f"with (d_sae={self._d_sae}, fingerprint {ident.get('fingerprint')}): its latent "
+                "numbers would name other features. Pass the diff's own SAE."
+            )
+
     def with_sae(self, sae: Any) -> LatentDiff:
         """The same result with every decoder row available, after checking it is the same SAE."""
         sae = load_sae(sae)
-        ident = self._meta.get("sae", {})
-        fp = sae_fingerprint(sae)
-        if ident.get("d_sae") not in (None, sae.cfg.d_sae) or ident.get("fingerprint") not in (
-            None,
-            fp,
-        ):
-            raise SAEError(
-                f"this SAE (d_sae={sae.cfg.d_sae}, fingerprint {fp}) is not the one the diff was "
-                f"computed with (d_sae={ident.get('d_sae')}, fingerprint {ident.get('fingerprint')})"
-            )
+        self.check_sae(sae)
         return LatentDiff(
             self._cols,
             site=self._site,
@@ -389,7 +421,11 @@ class LatentDiff:
     def _check_latent(self, latent: int) -> int:
         if isinstance(latent, Tensor):
             latent = int(latent.item())
-        if isinstance(latent, bool) or not isinstance(latent, int) or not 0 <= latent < self._d_sae:
+        if (
+            isinstance(latent, bool)
+            or not isinstance(latent, numbers.Integral)
+            or not 0 <= latent < self._d_sae
+        ):
             raise IndexError(
                 f"latent {latent!r} is out of range: this SAE has {self._d_sae} latents "
                 f"(0..{self._d_sae - 1}); for a rank use at_rank()"
@@ -428,6 +464,15 @@ class LatentDiff:
             n_bootstrap, n_permutations, confidence, seed: see
                 :func:`modeldiff.stats.paired_uncertainty`.
         """
+        check_diff_options(
+            rank_by=rank_by,
+            uncertainty=uncertainty,
+            test=test,
+            n_bootstrap=n_bootstrap,
+            n_permutations=n_permutations,
+            confidence=confidence,
+            seed=seed,
+        )
         lb, lf = base.latents, finetuned.latents
         if lb.d_sae != lf.d_sae:
             raise ValueError(
@@ -443,6 +488,22 @@ class LatentDiff:
             raise ValueError("no tokens were selected; check positions= and the prompts")
         d_sae = lb.d_sae
         mb, mf = lb.mean, lf.mean
+        finite = mb.isfinite() & mf.isfinite()
+        if not bool(finite.any()):
+            raise ValueError(
+                f"every latent's statistics are NaN/inf at {site.hook_name}: the models or the SAE "
+                "produced non-finite activations (NaN/inf weights, or overflow in a low-precision "
+                "dtype). Check torch.isfinite on the weights, or run in float32."
+            )
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten()
+            warnings.warn(
+                f"{len(bad)} of {d_sae} latents have non-finite statistics (NaN/inf activations "
+                f"at {site.hook_name}; e.g. latents {bad[:5].tolist()}): they are left out of the "
+                "ranking (LatentDiff.unranked). Check the models' and the SAE's weights.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         delta = lf.sum / lf.count - lb.sum / lb.count
         vb, vf = lb.var, lf.var
         sd = ((vb + vf) / 2).sqrt()
@@ -499,6 +560,7 @@ class LatentDiff:
                 raise ValueError(
                     f"uncertainty must be 'all', an integer k, or None; got {uncertainty!r}"
                 )
+            tested = tested[finite[tested]]
             n_p = max(lb.n_prompts, lf.n_prompts)
             counts = lb.prompt_count
             chunk = max(1, 2**20 // max(n_p, 1))  # dense [prompts, chunk] blocks of ~8 MB
@@ -604,15 +666,16 @@ class LatentDiff:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no LatentDiff file at {str(path)!r}")
-        with safe_open(str(path), framework="pt") as f:
-            header_text = (f.metadata() or {}).get("modeldiff")
-            if header_text is None:
-                raise ValueError(
-                    f"{str(path)!r} is a safetensors file but not a saved LatentDiff "
-                    "(write one with LatentDiff.save)"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
-        header = json.loads(header_text)
+        with reading(path, "a LatentDiff file (written by LatentDiff.save)"):
+            with safe_open(str(path), framework="pt") as f:
+                header_text = (f.metadata() or {}).get("modeldiff")
+                if header_text is None:
+                    raise FileFormatError(
+                        f"{str(path)!r} is a safetensors file but not a saved LatentDiff "
+                        "(write one with LatentDiff.save)"
+                    )
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - no iter
+            header = json.loads(header_text)
         if header.get("version", 0) > FORMAT_VERSION:
             raise ValueError(
                 f"{str(path)!r} was written by a newer modeldiff (format {header['version']}); upgrade"
@@ -779,6 +842,7 @@ def _prepare(
     site = Site.parse(site) if site is not None else Site.from_sae(sae)
     if finetuned is not None:
         _check_pair(base, finetuned)
+    site.validate(base)
     if finetuned is not None:
         _check_placement(base, finetuned, site)
     sae = check_sae(sae, base, site, convert=convert_sae)
@@ -787,9 +851,74 @@ def _prepare(
     return sae, site
 
 
+def _count(k: Any, what: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise ValueError(
+            f"{what}(k) takes a count k >= 0, got {k!r}; for the largest falls use bottom(k) "
+            "(or at_rank(-1) for the single largest fall)"
+        )
+    return int(k)
+
+
+def check_diff_options(
+    *,
+    rank_by: str = "delta",
+    uncertainty: Any = "all",
+    test: str = "permutation",
+    n_bootstrap: int = 1000,
+    n_permutations: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> None:
+    """Refuse bad ranking / uncertainty options before any model runs, naming the fix.
+
+    Example:
+        >>> check_diff_options(n_bootstrap=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: n_bootstrap must be a positive integer (e.g. 1000), got 0
+    """
+    if rank_by not in RANKINGS:
+        raise ValueError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANKINGS)}")
+    if not (
+        uncertainty is None
+        or uncertainty == "all"
+        or (isinstance(uncertainty, int) and not isinstance(uncertainty, bool) and uncertainty > 0)
+    ):
+        raise ValueError(
+            f"uncertainty must be 'all', a positive integer k (top and bottom k by delta), or None; "
+            f"got {uncertainty!r}"
+        )
+    if test not in ("permutation", "t"):
+        raise ValueError(
+            f"unknown test {test!r}; choose 'permutation' (sign-flip) or 't' (paired t)"
+        )
+    for name, value in (("n_bootstrap", n_bootstrap), ("n_permutations", n_permutations)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer (e.g. 1000), got {value!r}")
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, (int, float))
+        or not (0 < confidence < 1)
+    ):
+        raise ValueError(
+            f"confidence must lie strictly between 0 and 1 (e.g. 0.95), got {confidence!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
 def _check_placement(base: Any, finetuned: Any, site: Site) -> None:
-    """One SAE reads both models' activations at ``site``: they must be on one device."""
-    db, df = adapter_for(base).site_device(site), adapter_for(finetuned).site_device(site)
+    """One SAE reads both models' activations at ``site``: one device and one dtype."""
+    ab, af = adapter_for(base), adapter_for(finetuned)
+    if ab.dtype != af.dtype:
+        tb, tf = (str(t).removeprefix("torch.") for t in (ab.dtype, af.dtype))
+        raise ValueError(
+            f"the base model is {tb} but the fine-tuned model is {tf}; one SAE reads both, so "
+            f"load them in one dtype (load_model(..., dtype=torch.{tb}) for both, or "
+            f"finetuned.to(torch.{tb})). convert_sae converts the SAE, not the models."
+        )
+    db, df = ab.site_device(site), af.site_device(site)
     if db != df:
         raise ValueError(
             f"the base model's activations at {site.hook_name} are on {db} but the fine-tuned "
@@ -952,6 +1081,15 @@ def diff_latents(
         >>> d.top(1)[0].rank, d.at_rank(-1).rank_from_bottom
         (1, -1)
     """
+    check_diff_options(
+        rank_by=rank_by,
+        uncertainty=uncertainty,
+        test=test,
+        n_bootstrap=n_bootstrap,
+        n_permutations=n_permutations,
+        confidence=confidence,
+        seed=seed,
+    )
     sae, site = _prepare(base, finetuned, sae, site, convert_sae)
     tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
     d_sae, d_model = int(sae.cfg.d_sae), adapter_for(base).d_model

@@ -8,18 +8,20 @@ each of those into one checked 1-D tensor, so the interventions never have to ca
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .errors import ModeldiffError
 from .saes import sae_d_in, sae_d_sae
 
 __all__ = ["DirectionError", "resolve_direction"]
 
 
-class DirectionError(ValueError):
+class DirectionError(ModeldiffError, ValueError):
     """A direction that cannot be used: wrong size, not finite, or an unknown kind of object.
 
     Example:
@@ -32,12 +34,21 @@ class DirectionError(ValueError):
 
 
 def _is_sae_pair(obj: Any) -> bool:
+    # any integer type names a latent: int, numpy.int64, a one-element integer tensor, ...
     return (
         isinstance(obj, tuple)
         and len(obj) == 2
         and hasattr(obj[0], "W_dec")
-        and isinstance(obj[1], (int, Tensor))
         and not isinstance(obj[1], bool)
+        and (isinstance(obj[1], (numbers.Integral, Tensor)) or _is_numpy_integer(obj[1]))
+    )
+
+
+def _is_numpy_integer(x: Any) -> bool:
+    return (
+        type(x).__module__ == "numpy"
+        and getattr(x, "dtype", None) is not None
+        and x.dtype.kind in "iu"
     )
 
 
@@ -46,6 +57,7 @@ def _latent_index(latent: Any, d_sae: int) -> int:
         if latent.numel() != 1 or latent.is_floating_point():
             raise DirectionError(f"a latent index must be one integer, got a tensor {latent!r}")
         latent = int(latent.item())
+    latent = int(latent)
     if not 0 <= latent < d_sae:
         raise DirectionError(
             f"latent {latent} is out of range: the SAE has {d_sae} latents (0..{d_sae - 1}). "

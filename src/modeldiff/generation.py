@@ -25,13 +25,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .adapters import adapter_for
+from .errors import ModeldiffError
 from .interventions import ForwardPositions, publish_positions
 from .tokens import Prompt, pad_batch, pad_id, tokenize_prompts
 
 __all__ = ["GenerationError", "generate", "generate_ids"]
 
 
-class GenerationError(ValueError):
+class GenerationError(ModeldiffError, ValueError):
     """Generation settings that cannot work; the message names the fix.
 
     Example:

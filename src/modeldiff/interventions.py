@@ -15,16 +15,18 @@ absolute position of every token in every forward is known:
 * while :func:`modeldiff.generation.generate` runs, it publishes them (see :func:`forward_positions`);
 * otherwise a position tracker, installed once per model while a position-restricted intervention is
   active, reads the offset of each forward from the KV cache passed in (HookedTransformer's
-  ``past_kv_cache``, a Hugging Face cache elsewhere: the adapter says where to look) and each row's padding from the
-  attention mask. A forward without a cache that extends the previous forward by exactly one token
-  (what ``generate(use_past_kv_cache=False)`` does) is treated as the next decoding step of the same
-  prompt; any other forward starts a new prompt.
+  ``past_kv_cache``, a Hugging Face cache elsewhere: the adapter says where to look) and each row's
+  padding from the attention mask. A forward without a cache that extends the previous forward by
+  exactly one token, with every token that was real before still real (what
+  ``generate(use_past_kv_cache=False)`` does), is treated as the next decoding step of the same
+  prompt; any other forward starts a new prompt. The rule is the same on every adapter.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +41,8 @@ from torch import Tensor
 from ._hooks import Hooks
 from .adapters import adapter_for
 from .directions import resolve_direction
-from .saes import sae_d_in, sae_d_sae
+from .errors import ModeldiffError
+from .saes import nonfinite_parameters, sae_d_in, sae_d_sae
 from .sites import Site, SiteError
 
 __all__ = [
@@ -65,7 +68,7 @@ __all__ = [
 PositionSpec = Union[Literal["all", "prompt", "generated"], Sequence[int], Tensor]
 
 
-class InterventionError(ValueError):
+class InterventionError(ModeldiffError, ValueError):
     """An intervention that cannot be built or applied as asked; the message names the fix.
 
     Example:
@@ -159,16 +162,19 @@ class _PositionTracker:
         self._seen: Tensor | None = None  # real tokens per row seen so far in this sequence
         self._prev: Tensor | None = None  # last uncached forward's input, to recognise a next step
         self._prompt: Tensor | None = None  # prompt length per row of the current sequence
+        self._prev_mask: Tensor | None = None  # the last uncached forward's real-token mask
+        self.cached = False  # whether the last forward came with a KV cache
         self._handles = adapter_for(model).forward_hooks_for_tracking(self._observe)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self.state = self._seen = self._prev = self._prompt = None
+        self.state = self._seen = self._prev = self._prompt = self._prev_mask = None
 
     def _observe(self, x: Any, offset: int, cached: bool, mask: Tensor | None) -> None:
         if _PUBLISHED.get() is not None:
             return
+        self.cached = cached
         if not isinstance(x, Tensor) or x.ndim < 2:
             self.state = None  # strings etc.: unknown; a position-restricted hook will say so
             return
@@ -189,6 +195,9 @@ class _PositionTracker:
                 and prev.shape[1] + 1 == s
                 and prev.shape[2:] == x.shape[2:]
                 and torch.equal(x[:, :-1].detach(), prev)
+                # one rule on every adapter: a real token that became padding starts a new prompt
+                and self._prev_mask is not None
+                and torch.equal(chunk[:, :-1], self._prev_mask)
             )
         if offset > 0:
             if full is not None:
@@ -213,6 +222,7 @@ class _PositionTracker:
         self._prompt = prompt
         self.state = ForwardPositions(pos, prompt)
         self._prev = None if cached else x.detach().clone()
+        self._prev_mask = None if cached else chunk.clone()
 
 
 _TRACKERS: weakref.WeakKeyDictionary[Any, _PositionTracker] = weakref.WeakKeyDictionary()
@@ -274,7 +284,22 @@ def _position_mask(
     if spec == "generated":
         return pos >= fp.prompt_lengths.to(act.device)[:, None]
     wanted = torch.tensor(spec, device=act.device)
-    return torch.isin(pos, wanted)
+    mask = torch.isin(pos, wanted)
+    if (
+        tracker is not None
+        and _PUBLISHED.get() is None
+        and not tracker.cached
+        and min(spec) > int(pos.max())
+    ):
+        # a whole forward of its own (no KV cache, no decoding loop) that no position reaches
+        warnings.warn(
+            f"positions {list(spec)} lie beyond every sequence of this forward (the longest has "
+            f"{int(pos.max()) + 1} tokens), so the intervention changed nothing; positions count "
+            "from 0 within each sequence.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,6 +405,10 @@ class Intervention:
     ) -> list[tuple[str, Callable[..., Tensor]]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _attach(self, model: Any) -> Callable[[], None] | None:
+        """Bookkeeping beside the hooks while applied; returns its undo (default: none)."""
+        return None
+
     def _needs_positions(self) -> bool:
         return not (isinstance(self.positions, str) and self.positions == "all")
 
@@ -400,9 +429,11 @@ class Intervention:
         self._check_model(model)
         tracker = _acquire_tracker(model) if self._needs_positions() else None
         group = Hooks(model)
+        detach: Callable[[], None] | None = None
         try:
             for name, fn in self._hooks_for(model, tracker):
                 group.add(name, fn)
+            detach = self._attach(model)
         except BaseException:
             group.remove()
             if tracker is not None:
@@ -413,6 +444,8 @@ class Intervention:
             try:
                 group.remove()
             finally:
+                if detach is not None:
+                    detach()
                 if tracker is not None:
                     _release_tracker(model, tracker)
 
@@ -716,6 +749,7 @@ class Ablate(Intervention):
     targets: Float[Tensor, " k"] = field(repr=False)
     site: Site
     positions: PositionSpec = "all"
+    _entries: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _check_model(self, model: Any) -> None:
         super()._check_model(model)
@@ -725,18 +759,48 @@ class Ablate(Intervention):
                 f"is {_d_model(model)}; use an SAE trained on this model."
             )
 
+    def _attach(self, model: Any) -> Callable[[], None] | None:
+        if not self.latents:
+            return None
+        # the entry _hooks_for just bound its hook to (apply calls the two back to back)
+        entry = self._entries.pop("building")
+        active = _ACTIVE_ABLATIONS.setdefault(model, [])
+        active.append(entry)
+
+        def detach() -> None:
+            if entry in active:
+                active.remove(entry)
+
+        return detach
+
     def _hooks_for(self, model: Any, tracker: _PositionTracker | None) -> list:
         site = _site_of(model, self.site)
         if not self.latents:
             return []  # ablating nothing: no hook at all, so the model is bit-identical
         sae, spec = self.sae, self.positions
         w = sae.W_dec
-        idx = torch.tensor(self.latents, device=w.device)
-        targets = self.targets.to(device=w.device, dtype=w.dtype)
+        all_idx = torch.tensor(self.latents, device=w.device)
+        all_targets = self.targets.to(device=w.device, dtype=w.dtype)
         norm = getattr(getattr(sae, "cfg", None), "normalize_activations", "none")
         linear = norm in (None, "none")
+        entry = self._entries["building"] = _AblationEntry(self, site)
 
         def hook(x: Tensor, hook: Any) -> Tensor:
+            # A latent that an ablation applied earlier (and still active) already set to the same
+            # target is left alone: ablating it again from the edited stream would move it again.
+            idx, targets = all_idx, all_targets
+            done = _already_ablated(model, entry, site)
+            if done:
+                keep = [
+                    j
+                    for j, (lat, t) in enumerate(
+                        zip(self.latents, self.targets.tolist(), strict=True)
+                    )
+                    if done.get(lat) != t
+                ]
+                if not keep:
+                    return x
+                idx, targets = all_idx[keep], all_targets[keep]
             xs = x.to(device=w.device, dtype=w.dtype)
             feats = sae.encode(xs)
             current = feats[..., idx]
@@ -752,6 +816,41 @@ class Ablate(Intervention):
             return x + delta.to(device=x.device, dtype=x.dtype)
 
         return [(site.hook_name, hook)]
+
+
+class _AblationEntry:
+    """An applied ablation, in application order: which latents of which SAE, set to what."""
+
+    __slots__ = ("ablation", "site", "targets")
+
+    def __init__(self, ablation: Ablate, site: Site) -> None:
+        self.ablation, self.site = ablation, site
+        self.targets = dict(zip(ablation.latents, ablation.targets.tolist(), strict=True))
+
+
+_ACTIVE_ABLATIONS: weakref.WeakKeyDictionary[Any, list[_AblationEntry]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _already_ablated(model: Any, mine: _AblationEntry | None, site: Site) -> dict[int, float]:
+    """Latents (with targets) that ablations applied before ``mine`` set at ``site`` with its SAE.
+
+    Only ablations with the same positions count: their hook edited exactly the tokens ours would.
+    """
+    active = _ACTIVE_ABLATIONS.get(model)
+    if not active or mine is None or mine not in active:
+        return {}
+    out: dict[int, float] = {}
+    for entry in active[: active.index(mine)]:
+        a = entry.ablation
+        if (
+            entry.site == site
+            and a.sae is mine.ablation.sae
+            and a.positions == mine.ablation.positions
+        ):
+            out.update(entry.targets)
+    return out
 
 
 def _latent_list(latents: Any, d_sae: int) -> tuple[int, ...]:
@@ -832,6 +931,12 @@ def ablate(
         (True, True)
     """
     d_model, d_in, d_sae = _d_model(model), sae_d_in(sae), sae_d_sae(sae)
+    broken = nonfinite_parameters(sae)
+    if broken:
+        raise InterventionError(
+            f"the SAE's weights are not finite ({', '.join(broken)} hold NaN/inf), so ablating "
+            "through it would write NaN into the model. Re-train or re-load the SAE."
+        )
     if d_in != d_model:
         raise InterventionError(
             f"the SAE reads {d_in}-dimensional activations but the model's d_model is {d_model}; use "
@@ -1065,8 +1170,11 @@ def sweep(
     from tqdm.auto import tqdm
 
     records: list[dict[str, float]] = []
-    for c in tqdm(list(coefficients), desc="sweep", disable=not progress):
-        coefficient = _check_coefficient(c)
+    # every coefficient is checked before the first one runs: no half-finished sweep to discard
+    checked = [_check_coefficient(c) for c in coefficients]
+    if not checked:
+        raise InterventionError("coefficients is empty; pass e.g. [0, 2, 4, 8]")
+    for coefficient in tqdm(checked, desc="sweep", disable=not progress):
         iv = intervention_factory(coefficient)
         if not isinstance(iv, Intervention):
             raise InterventionError(

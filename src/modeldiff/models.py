@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import torch
 
 from .adapters import AdapterError, adapter_for
+from .errors import reading
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -554,8 +555,9 @@ def _hf_kwargs(opts: _Opts) -> dict[str, Any]:
 def _load_hf_dir(path: Path, opts: _Opts) -> Any:
     from transformers import AutoModelForCausalLM
 
-    tok = _resolve_tokenizer(opts.tokenizer, fallback=str(path))
-    hf = AutoModelForCausalLM.from_pretrained(str(path), **_hf_kwargs(opts))
+    with reading(path, "a transformers checkpoint folder (config.json, weights, tokenizer)"):
+        tok = _resolve_tokenizer(opts.tokenizer, fallback=str(path))
+        hf = AutoModelForCausalLM.from_pretrained(str(path), **_hf_kwargs(opts))
     return _wrap_hf(hf, tok, opts, opts.name or str(path))
 
 
@@ -575,11 +577,12 @@ def _load_gguf(path: Path, opts: _Opts) -> Any:
 
     _require_gguf()
     folder, file = str(path.parent), path.name
-    if opts.tokenizer is None:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    else:
-        tok = _resolve_tokenizer(opts.tokenizer, fallback=None)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **_hf_kwargs(opts))
+    with reading(path, "a GGUF checkpoint"):
+        if opts.tokenizer is None:
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        else:
+            tok = _resolve_tokenizer(opts.tokenizer, fallback=None)
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **_hf_kwargs(opts))
     return _wrap_hf(hf, tok, opts, opts.name or path.stem)
 
 
@@ -633,7 +636,7 @@ def _resolve_tokenizer(tokenizer: Any, *, fallback: str | None, **kwargs: Any) -
     from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return _on_disk(tokenizer)
+        return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
         return AutoTokenizer.from_pretrained(os.fspath(tokenizer), **kwargs)
     if tokenizer is not None:
@@ -655,18 +658,29 @@ def _resolve_tokenizer(tokenizer: Any, *, fallback: str | None, **kwargs: Any) -
 
 
 def _on_disk(tokenizer: Any) -> Any:
-    """Return ``tokenizer`` if it can be re-loaded from its ``name_or_path``, else a saved twin.
+    """A twin of ``tokenizer`` saved to (and re-loaded from) a scratch folder.
 
-    TransformerLens re-loads the tokenizer from ``name_or_path`` (to make a BOS-adding twin); a
-    tokenizer built in memory has no such folder, so save it to a scratch folder first.
+    TransformerLens re-loads the tokenizer from its ``name_or_path`` (to make a BOS-adding twin),
+    which would silently drop in-memory changes (a new chat template, pad token, added tokens),
+    so the tokenizer as it is now is written out first and the twin is loaded from there. The
+    folder is named by a hash of what was written, so loading the same tokenizer again reuses it.
     """
-    where = getattr(tokenizer, "name_or_path", "") or ""
-    if where and (Path(where).is_dir() or (_HUB_ID.match(where) and _hub_cached(where))):
-        return tokenizer
+    import hashlib
+
     from transformers import AutoTokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="modeldiff-tokenizer-"))
-    tokenizer.save_pretrained(str(folder))
+    staging = Path(tempfile.mkdtemp(prefix="modeldiff-tokenizer-staging-"))
+    try:
+        tokenizer.save_pretrained(str(staging))
+        digest = hashlib.sha256()
+        for f in sorted(staging.iterdir()):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        folder = staging.parent / f"modeldiff-tokenizer-{digest.hexdigest()[:16]}"
+        if not folder.is_dir():
+            with contextlib.suppress(OSError):  # another process may win the race: same content
+                staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -714,6 +728,7 @@ def _wrap_hf(hf: Any, tokenizer: Any, opts: _Opts, name: str) -> Any:
             replace(opts, tokenizer=tokenizer, dtype=None, device=None, device_map=None, name=name),
         )
     device, dtype, processed = opts.device_or_default, opts.dtype_or_default, bool(opts.processed)
+    tokenizer = _on_disk(tokenizer)
     if wrapper == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .errors import ModeldiffError, reading
 from .sites import Site
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "is_batch_coupled",
     "load_sae",
     "model_dtype_device",
+    "nonfinite_parameters",
     "sae_fingerprint",
     "sae_d_in",
     "sae_d_sae",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-class SAEError(ValueError):
+class SAEError(ModeldiffError, ValueError):
     """An SAE that cannot be loaded, or does not fit the model it is used with."""
 
 
@@ -84,15 +86,16 @@ def _load_folder(path: Path, device: str, dtype: torch.dtype | None) -> Any:
     dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else None
     try:
         architecture = json.loads(cfg_file.read_text()).get("architecture", "standard")
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SAEError(f"{str(cfg_file)!r} is not valid JSON ({e}); re-save the SAE") from None
     from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-    if architecture in SAE_CLASS_REGISTRY:
-        return SAE.load_from_disk(path, device=device, dtype=dtype_name)
-    if architecture in SAE_TRAINING_CLASS_REGISTRY:
-        # A training checkpoint (e.g. BatchTopK) saved with save_model: load it as the training class.
-        return TrainingSAE.load_from_disk(path, device=device, dtype=dtype_name)
+    with reading(path / "sae_weights.safetensors", "an sae-lens SAE's weights"):
+        if architecture in SAE_CLASS_REGISTRY:
+            return SAE.load_from_disk(path, device=device, dtype=dtype_name)
+        if architecture in SAE_TRAINING_CLASS_REGISTRY:
+            # A training checkpoint (e.g. BatchTopK) saved with save_model: the training class.
+            return TrainingSAE.load_from_disk(path, device=device, dtype=dtype_name)
     raise SAEError(
         f"{str(path)!r} holds an SAE of architecture {architecture!r}, which this sae-lens version "
         f"does not know (known: {', '.join(sorted(SAE_CLASS_REGISTRY))}); upgrade sae-lens"
@@ -229,6 +232,20 @@ def to_inference_sae(sae: Any) -> Any:
         return SAE.load_from_disk(tmp, device=str(device))
 
 
+def nonfinite_parameters(module: Any) -> list[str]:
+    """Names of ``module``'s parameters that hold NaN or inf (empty when all are finite).
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     lin.bias[0] = float("nan")
+        >>> nonfinite_parameters(lin)
+        ['bias']
+    """
+    return [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 def model_dtype_device(model: Any, site: Site | None = None) -> tuple[torch.dtype, torch.device]:
     """The model's dtype and the device of its activations at ``site`` (its input device if None).
 
@@ -276,6 +293,12 @@ def check_sae(sae: Any, model: Any, site: Site | None = None, *, convert: bool =
         raise SAEError(
             "this SAE reads per-head hook_z activations; modeldiff diffs residual-stream sites "
             "(resid_pre/mid/post, attn_out, mlp_out). Use an SAE trained on one of those"
+        )
+    broken = nonfinite_parameters(sae)
+    if broken:
+        raise SAEError(
+            f"the SAE's weights are not finite ({', '.join(broken)} hold NaN/inf): every latent it "
+            "encodes would be NaN. Re-train or re-load the SAE."
         )
     if is_batch_coupled(sae):
         raise SAEError(

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .errors import ModeldiffError
+
 __all__ = ["KINDS", "Site", "SiteError"]
 
 SiteKind = Literal["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
@@ -19,7 +21,7 @@ KINDS: tuple[str, ...] = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resi
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(KINDS) + r")$")
 
 
-class SiteError(ValueError):
+class SiteError(ModeldiffError, ValueError):
     """A site that does not exist in a model, or a hook name that is not a site."""
 
 

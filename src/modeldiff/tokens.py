@@ -28,6 +28,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from . import models
+from .errors import ModeldiffError
 
 __all__ = [
     "Positions",
@@ -48,7 +49,7 @@ Positions = Union[str, Sequence[Sequence[int] | Sequence[bool] | Tensor]]
 POSITION_NAMES = ("all", "prompt", "response", "last_prompt")
 
 
-class PromptError(ValueError):
+class PromptError(ModeldiffError, ValueError):
     """A prompt that cannot be tokenized as asked."""
 
 
@@ -97,6 +98,10 @@ def _is_ids(x: Any) -> bool:
     )
 
 
+#: Roles a chat message may have.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
 def render_chat(tokenizer: Any, messages: Chat, *, add_generation_prompt: bool = True) -> str:
     """Render chat ``messages`` with the tokenizer's chat template, as text.
 
@@ -113,6 +118,16 @@ def render_chat(tokenizer: Any, messages: Chat, *, add_generation_prompt: bool =
     for i, m in enumerate(messages):
         if "role" not in m or "content" not in m:
             raise PromptError(f"chat message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+        if m["role"] not in CHAT_ROLES:
+            raise PromptError(
+                f"chat message {i} has role {m['role']!r}; use one of {', '.join(CHAT_ROLES)} "
+                "(a misspelt role would be rendered as an unknown speaker)"
+            )
+        if not isinstance(m["content"], str):
+            raise PromptError(
+                f"chat message {i} ({m['role']}) has content of type {type(m['content']).__name__}; "
+                "content must be a string (use '' for an empty turn)"
+            )
     return tokenizer.apply_chat_template(
         [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
     )
@@ -167,6 +182,11 @@ def tokenize_prompts(
 
         max_length = adapter_for(model_or_tokenizer).n_ctx
     bos = tok.bos_token_id
+    n_vocab = len(tok)
+    if _is_model(model_or_tokenizer):
+        from .adapters import adapter_for
+
+        n_vocab = adapter_for(model_or_tokenizer).d_vocab
 
     out: list[TokenizedPrompt] = []
     for i, prompt in enumerate(prompts):
@@ -179,6 +199,12 @@ def tokenize_prompts(
             prompt, response = prompt
         if _is_ids(prompt):
             ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, Tensor) else prompt)]
+            bad = [t for t in ids if not 0 <= t < n_vocab]
+            if bad:
+                raise PromptError(
+                    f"prompt {i} holds token ids outside the vocabulary (0..{n_vocab - 1}): "
+                    f"{bad[:5]}; token ids must come from this model's tokenizer."
+                )
             prompt_text = None
         elif _is_chat(prompt):
             prompt_text = render_chat(tok, prompt)  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._hooks import HookFn, HookHandle, Hooks, StopForward
+from ..errors import ModeldiffError
 from ..sites import KINDS, Site, SiteError
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-class AdapterError(TypeError):
+class AdapterError(ModeldiffError, TypeError):
     """No adapter knows how to run this model, or an adapter was configured wrongly.
 
     Example:

@@ -393,6 +393,8 @@ def screen_latents(
             )
     site_name = site.hook_name if hasattr(site, "hook_name") else str(site)
     d_sae = sae_d_sae(sae)
+    if diff is not None:
+        diff.check_sae(sae)  # the diff's latent numbers must name this SAE's latents
     ranks: dict[int, int | None] = {}
     if latents is None:
         if diff is None:
