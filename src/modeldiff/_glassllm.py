@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .errors import ArgumentError, MissingDependencyError
+
 GLASSLLM_LANGUAGES = ("en", "pt")
 
 
@@ -30,7 +32,7 @@ def _import_glassllm() -> Any:
     try:
         import glassllm
     except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
+        raise MissingDependencyError(
             "load_model('glassllm') needs the glassllm package, which is not installed. "
             "Install it with `pip install glassllm` or `pip install 'modeldiff[glassllm]'`."
         ) from err
@@ -44,7 +46,7 @@ def parse_glassllm_source(source: str) -> str | None:
     if source.startswith("glassllm:"):
         lang = source.split(":", 1)[1]
         if lang not in GLASSLLM_LANGUAGES:
-            raise ValueError(
+            raise ArgumentError(
                 f"unknown glassllm language {lang!r} in source {source!r}; "
                 f"use one of {', '.join('glassllm:' + x for x in GLASSLLM_LANGUAGES)}."
             )
@@ -63,7 +65,7 @@ def _tokenizer_folder(glass_tok: Any) -> Path:
 
     vocab = {token: i for i, token in enumerate(glass_tok.vocab)}
     if len(vocab) != len(glass_tok.vocab):
-        raise ValueError("glassllm tokenizer has duplicate vocabulary entries; cannot map it")
+        raise ArgumentError("glassllm tokenizer has duplicate vocabulary entries; cannot map it")
     spec = json.dumps({"vocab": glass_tok.vocab, "merges": glass_tok.merges}, ensure_ascii=False)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"modeldiff-glassllm-tokenizer-{digest}"

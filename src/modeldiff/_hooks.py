@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .errors import NotFoundError
+
 __all__ = [
     "HookHandle",
     "Hooks",
@@ -42,7 +44,7 @@ def hook_point(model: Any, name: str) -> Any:
     """
     points = getattr(model, "hook_dict", None)
     if points is None:
-        raise KeyError(
+        raise NotFoundError(
             f"hook point {name!r}: this {type(model).__name__} is not a TransformerLens model and "
             "has no named hook points; hook a Site instead (e.g. Site.resid_post(3))."
         )
@@ -51,7 +53,7 @@ def hook_point(model: Any, name: str) -> Any:
     stem = name.rsplit(".", 1)[-1]
     near = [n for n in points if n.endswith(stem)][:8]
     hint = f" Similar names: {', '.join(near)}." if near else ""
-    raise KeyError(f"the model has no hook point {name!r}.{hint}")
+    raise NotFoundError(f"the model has no hook point {name!r}.{hint}")
 
 
 class HookHandle:

@@ -7,8 +7,9 @@ prompts stream through.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ._hooks import run_until
 from .adapters import adapter_for
+from .errors import ArgumentError
 from .models import model_device
 from .sites import Site, as_sites
 from .tokens import (
@@ -46,6 +48,9 @@ class CaptureBatch:
     prompt_index: Int[Tensor, " n"]  # index into the caller's prompt list
     position: Int[Tensor, " n"]  # position in that prompt's own token ids
     token: Int[Tensor, " n"]  # token id at that position
+    # each row's activation norm over the median norm of its prompt's tokens (up to its last
+    # selected one) at that site: the outlier filter's measure (attention sinks reach 100x)
+    norm_ratio: dict[Site, Float[Tensor, " n"]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.prompt_index.numel())
@@ -65,7 +70,7 @@ def plan_batches(
         [[1, 3], [2, 0]]
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise ArgumentError(f"batch_size must be at least 1, got {batch_size}")
     order = (
         sorted(range(len(lengths)), key=lambda i: -lengths[i])
         if sort_by_length
@@ -172,12 +177,16 @@ def _stream(
                 # Causal attention: tokens after the last selected one cannot change it, so skip them.
                 width = int(cols.max()) + 1
                 toks, mask = toks[:, :width], mask[:, :width]
+            # each row's tokens up to its own last selected one: the outlier filter's reference
+            last = torch.zeros(len(idx), dtype=torch.long).scatter_reduce_(0, rows, cols, "amax")
+            upto = mask.bool() & (torch.arange(mask.shape[1])[None] <= last[:, None])
             got: dict[Site, Tensor] = {}
+            ratios: dict[Site, Tensor] = {}
             with torch.inference_mode():
                 run_until(
                     model,
                     toks.to(device),
-                    hooks=[(s.hook_name, _grabber(got, s, rows, cols)) for s in sites],
+                    hooks=[(s.hook_name, _grabber(got, ratios, s, rows, cols, upto)) for s in sites],
                     stop_at=deepest,
                     attention_mask=mask.to(device),
                 )
@@ -188,14 +197,26 @@ def _stream(
                 prompt_index=torch.as_tensor(idx, dtype=torch.long)[rows],
                 position=pos,
                 token=toks[rows, cols],
+                norm_ratio={s: ratios.pop(s) for s in sites},
             )
     finally:
         model.train(was_training)
 
 
-def _grabber(got: dict[Site, Tensor], site: Site, rows: Tensor, cols: Tensor) -> Any:
+def _grabber(
+    got: dict[Site, Tensor],
+    ratios: dict[Site, Tensor],
+    site: Site,
+    rows: Tensor,
+    cols: Tensor,
+    upto: Tensor,
+) -> Any:
     def grab(x: Tensor, hook: Any) -> None:
-        got[site] = x[rows.to(x.device), cols.to(x.device)].detach()
+        r, c = rows.to(x.device), cols.to(x.device)
+        got[site] = x[r, c].detach()
+        norms = x.detach().float().norm(dim=-1)
+        median = norms.masked_fill(~upto.to(x.device), math.nan).nanmedian(dim=1).values
+        ratios[site] = (norms[r, c] / median[r].clamp_min(1e-30)).cpu()
 
     return grab
 

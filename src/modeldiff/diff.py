@@ -38,7 +38,15 @@ from tqdm.auto import tqdm
 from ._io import atomic_path
 from .adapters import adapter_for
 from .capture import capture, plan_batches
-from .errors import FileFormatError, reading
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    FileFormatError,
+    MissingFileError,
+    NotFoundError,
+    OutOfRangeError,
+    reading,
+)
 from .saes import SAEError, check_sae, load_sae, sae_fingerprint, sae_identity
 from .sites import Site, as_sites
 from .stats import SiteStats, VectorStats, benjamini_hochberg, paired_uncertainty
@@ -178,10 +186,10 @@ class LatentDiff:
         stats: tuple[SiteStats, SiteStats] | None = None,
     ) -> None:
         if rank_by not in RANKINGS:
-            raise ValueError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANKINGS)}")
+            raise ArgumentError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANKINGS)}")
         missing = [c for c in (*_COLUMNS, *_INT_COLUMNS) if c not in columns]
         if missing:
-            raise ValueError(f"LatentDiff is missing columns {missing}")
+            raise ArgumentError(f"LatentDiff is missing columns {missing}")
         names = [*_COLUMNS, *_INT_COLUMNS, *sorted(set(columns) - {*_COLUMNS, *_INT_COLUMNS})]
         self._cols = {k: columns[k].detach().cpu() for k in names}
         self._site = site
@@ -240,7 +248,7 @@ class LatentDiff:
     def column(self, name: str) -> Float[Tensor, " d_sae"]:
         """A copy of one per-latent column, indexed by latent (see ``columns``)."""
         if name not in self._cols:
-            raise KeyError(f"no column {name!r}; columns: {', '.join(self.columns)}")
+            raise NotFoundError(f"no column {name!r}; columns: {', '.join(self.columns)}")
         return self._cols[name].clone()
 
     @property
@@ -306,7 +314,7 @@ class LatentDiff:
         i = self._check_latent(latent)
         rank = int(self._rank[i])
         if rank == 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"latent {i} is not ranked: its statistics are not finite (NaN/inf activations "
                 "reached the SAE). Check the models' and the SAE's weights; see LatentDiff.unranked."
             )
@@ -332,10 +340,10 @@ class LatentDiff:
         """The latent at rank ``#rank``: ``1`` is the largest rise, ``-1`` the largest fall."""
         n = self._n_ranked
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-            raise TypeError(f"rank must be an integer such as 1 or -1, got {rank!r}")
+            raise ArgumentTypeError(f"rank must be an integer such as 1 or -1, got {rank!r}")
         rank = int(rank)
         if rank == 0 or not -n <= rank <= n:
-            raise IndexError(f"rank {rank} is out of range: ranks run 1..{n} and -1..-{n}")
+            raise OutOfRangeError(f"rank {rank} is out of range: ranks run 1..{n} and -1..-{n}")
         pos = rank - 1 if rank > 0 else n + rank
         return self.latent(int(self._order[pos]))
 
@@ -426,7 +434,7 @@ class LatentDiff:
             or not isinstance(latent, numbers.Integral)
             or not 0 <= latent < self._d_sae
         ):
-            raise IndexError(
+            raise OutOfRangeError(
                 f"latent {latent!r} is out of range: this SAE has {self._d_sae} latents "
                 f"(0..{self._d_sae - 1}); for a rank use at_rank()"
             )
@@ -475,22 +483,22 @@ class LatentDiff:
         )
         lb, lf = base.latents, finetuned.latents
         if lb.d_sae != lf.d_sae:
-            raise ValueError(
+            raise ArgumentError(
                 f"base has {lb.d_sae} latents, fine-tuned {lf.d_sae}: not the same SAE"
             )
         if lb.count != lf.count or not torch.equal(lb.prompt_count, lf.prompt_count):
-            raise ValueError(
+            raise ArgumentError(
                 f"base and fine-tuned statistics cover different tokens ({lb.count} vs {lf.count} "
                 "tokens, or different tokens per prompt); both models must see the same prompts "
                 "and positions (same tokenizer, same positions= selection)"
             )
         if lb.count == 0:
-            raise ValueError("no tokens were selected; check positions= and the prompts")
+            raise ArgumentError("no tokens were selected; check positions= and the prompts")
         d_sae = lb.d_sae
         mb, mf = lb.mean, lf.mean
         finite = mb.isfinite() & mf.isfinite()
         if not bool(finite.any()):
-            raise ValueError(
+            raise ArgumentError(
                 f"every latent's statistics are NaN/inf at {site.hook_name}: the models or the SAE "
                 "produced non-finite activations (NaN/inf weights, or overflow in a low-precision "
                 "dtype). Check torch.isfinite on the weights, or run in float32."
@@ -557,7 +565,7 @@ class LatentDiff:
                 never = pick[~active[pick]]
                 ci_lo[never], ci_hi[never], p[never] = 0.0, 0.0, 1.0
             else:
-                raise ValueError(
+                raise ArgumentError(
                     f"uncertainty must be 'all', an integer k, or None; got {uncertainty!r}"
                 )
             tested = tested[finite[tested]]
@@ -665,7 +673,7 @@ class LatentDiff:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no LatentDiff file at {str(path)!r}")
+            raise MissingFileError(f"no LatentDiff file at {str(path)!r}")
         with reading(path, "a LatentDiff file (written by LatentDiff.save)"):
             with safe_open(str(path), framework="pt") as f:
                 header_text = (f.metadata() or {}).get("modeldiff")
@@ -677,7 +685,7 @@ class LatentDiff:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - no iter
             header = json.loads(header_text)
         if header.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(
+            raise ArgumentError(
                 f"{str(path)!r} was written by a newer modeldiff (format {header['version']}); upgrade"
             )
         cols = {k[4:]: v for k, v in tensors.items() if k.startswith("col.")}
@@ -853,11 +861,57 @@ def _prepare(
 
 def _count(k: Any, what: str) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
-        raise ValueError(
+        raise ArgumentError(
             f"{what}(k) takes a count k >= 0, got {k!r}; for the largest falls use bottom(k) "
             "(or at_rank(-1) for the single largest fall)"
         )
     return int(k)
+
+
+def warn_shared_prefix(
+    tokenized: Sequence[Any], positions: Positions, *, include_bos: bool = False
+) -> float:
+    """Warn when most selected tokens are a prefix every prompt shares; return that share.
+
+    A chat template's default system prompt is such a prefix: its tokens are identical in every
+    prompt, so they say nothing about the prompts and make the intervals look tighter than they are.
+
+    Example:
+        >>> from modeldiff.tokens import TokenizedPrompt
+        >>> tps = [TokenizedPrompt((5, 6, 7, 8, 9), 5, False), TokenizedPrompt((5, 6, 7, 8, 2), 5, False)]
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     share = warn_shared_prefix(tps, "prompt")
+        >>> share, "positions='user'" in str(w[0].message)
+        (0.8, True)
+    """
+    if len(tokenized) < 2:
+        return 0.0
+    first = tokenized[0].ids
+    common = len(first)
+    for tp in tokenized[1:]:
+        n = min(common, len(tp.ids))
+        j = 0
+        while j < n and tp.ids[j] == first[j]:
+            j += 1
+        common = j
+        if common == 0:
+            return 0.0
+    selections = select_positions(tokenized, positions, include_bos=include_bos)
+    total = sum(len(sel) for sel in selections)
+    shared = sum(sum(1 for p in sel if p < common) for sel in selections)
+    share = shared / total if total else 0.0
+    if share > 0.5:
+        warnings.warn(
+            f"{share:.0%} of the selected tokens are a prefix shared by every prompt ({common} "
+            "tokens, e.g. a default system prompt the chat template inserts): they are the same in "
+            "every prompt and make the intervals look tighter than they are. positions='user' "
+            "selects only the content of the user turns.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return share
 
 
 def check_diff_options(
@@ -876,36 +930,36 @@ def check_diff_options(
         >>> check_diff_options(n_bootstrap=0)
         Traceback (most recent call last):
         ...
-        ValueError: n_bootstrap must be a positive integer (e.g. 1000), got 0
+        modeldiff.errors.ArgumentError: n_bootstrap must be a positive integer (e.g. 1000), got 0
     """
     if rank_by not in RANKINGS:
-        raise ValueError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANKINGS)}")
+        raise ArgumentError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANKINGS)}")
     if not (
         uncertainty is None
         or uncertainty == "all"
         or (isinstance(uncertainty, int) and not isinstance(uncertainty, bool) and uncertainty > 0)
     ):
-        raise ValueError(
+        raise ArgumentError(
             f"uncertainty must be 'all', a positive integer k (top and bottom k by delta), or None; "
             f"got {uncertainty!r}"
         )
     if test not in ("permutation", "t"):
-        raise ValueError(
+        raise ArgumentError(
             f"unknown test {test!r}; choose 'permutation' (sign-flip) or 't' (paired t)"
         )
     for name, value in (("n_bootstrap", n_bootstrap), ("n_permutations", n_permutations)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer (e.g. 1000), got {value!r}")
+            raise ArgumentError(f"{name} must be a positive integer (e.g. 1000), got {value!r}")
     if (
         isinstance(confidence, bool)
         or not isinstance(confidence, (int, float))
         or not (0 < confidence < 1)
     ):
-        raise ValueError(
+        raise ArgumentError(
             f"confidence must lie strictly between 0 and 1 (e.g. 0.95), got {confidence!r}"
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+        raise ArgumentError(f"seed must be an integer, got {seed!r}")
 
 
 def _check_placement(base: Any, finetuned: Any, site: Site) -> None:
@@ -913,14 +967,14 @@ def _check_placement(base: Any, finetuned: Any, site: Site) -> None:
     ab, af = adapter_for(base), adapter_for(finetuned)
     if ab.dtype != af.dtype:
         tb, tf = (str(t).removeprefix("torch.") for t in (ab.dtype, af.dtype))
-        raise ValueError(
+        raise ArgumentError(
             f"the base model is {tb} but the fine-tuned model is {tf}; one SAE reads both, so "
             f"load them in one dtype (load_model(..., dtype=torch.{tb}) for both, or "
             f"finetuned.to(torch.{tb})). convert_sae converts the SAE, not the models."
         )
     db, df = ab.site_device(site), af.site_device(site)
     if db != df:
-        raise ValueError(
+        raise ArgumentError(
             f"the base model's activations at {site.hook_name} are on {db} but the fine-tuned "
             f"model's on {df}; one SAE reads both. Place the two models alike (the same device= "
             "or device_map= in load_model), or move one: finetuned.to(...)."
@@ -932,7 +986,7 @@ def _check_pair(base: Any, finetuned: Any) -> None:
 
     vb, vf = adapter_for(base).d_vocab, adapter_for(finetuned).d_vocab
     if vb != vf:
-        raise ValueError(
+        raise ArgumentError(
             f"the base model has d_vocab={vb} and the fine-tuned one d_vocab={vf}: the same token "
             "ids would not mean the same. Diff a fine-tune against its own base (with the base's "
             "tokenizer); if the fine-tune added tokens, resize the base's embeddings to match"
@@ -1034,6 +1088,7 @@ def diff_latents(
     prepend_bos: bool | None = None,
     truncate: bool = False,
     padding_side: str = "right",
+    outlier_factor: float | None = 10.0,
     convert_sae: bool = False,
     rank_by: str = "delta",
     uncertainty: str | int | None = "all",
@@ -1060,6 +1115,10 @@ def diff_latents(
         positions: ``"prompt"`` (default, as the paper), ``"response"``, ``"all"``,
             ``"last_prompt"`` or explicit per-prompt selections.
         include_bos: keep BOS tokens (dropped by default: outlier activations).
+        outlier_factor: drop tokens whose activation norm at the site exceeds this multiple of
+            the median norm of their prompt's tokens, in either model (attention sinks: the
+            first token of a SmolLM2 sequence without BOS has ~130x the median); the count is
+            ``meta["n_outliers_dropped"]``. ``None`` keeps every token.
         convert_sae: use a copy of the SAE converted to the model's dtype/device instead of failing.
         rank_by: default ranking (:data:`RANKINGS`); ``LatentDiff.ranked_by`` switches later.
         uncertainty, test, n_bootstrap, n_permutations, confidence, seed: prompt-level CIs and
@@ -1118,6 +1177,8 @@ def diff_latents(
             sort_by_length=True,
         )
     )
+    warn_shared_prefix(tokenized, positions, include_bos=include_bos)
+    n_outliers = 0
     stream_b = capture(base, prompts, site, **common)
     stream_f = capture(finetuned, prompts, site, **common)
     # Each batch is dropped before the next forwards start, so a pass holds one batch of captured
@@ -1136,13 +1197,26 @@ def diff_latents(
                 raise RuntimeError(
                     "internal: base and fine-tuned batches selected different tokens"
                 )
-            _encode_into(stats_b, sae, bb.acts[site], bb.prompt_index, bb.position)
-            _encode_into(stats_f, sae, bf.acts[site], bf.prompt_index, bf.position)
-            del bb, bf
+            xb, xf, pi, pos = bb.acts[site], bf.acts[site], bb.prompt_index, bb.position
+            if outlier_factor is not None:
+                # a token that is an outlier in either model leaves both (the pairing stays)
+                keep = (bb.norm_ratio[site] <= outlier_factor) & (
+                    bf.norm_ratio[site] <= outlier_factor
+                )
+                if not bool(keep.all()):
+                    n_outliers += int((~keep).sum())
+                    xb, xf = xb[keep.to(xb.device)], xf[keep.to(xf.device)]
+                    pi, pos = pi[keep], pos[keep]
+            if len(pi):
+                _encode_into(stats_b, sae, xb, pi, pos)
+                _encode_into(stats_f, sae, xf, pi, pos)
+            del bb, bf, xb, xf
             bar.update()
     meta = {
         "positions": positions if isinstance(positions, str) else "explicit",
         "include_bos": include_bos,
+        "outlier_factor": outlier_factor,
+        "n_outliers_dropped": n_outliers,
         "n_prompts": len(tokenized),
         "base_model": adapter_for(base).model_name,
         "finetuned_model": adapter_for(finetuned).model_name,

@@ -19,7 +19,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FileFormatError", "ModeldiffError", "damaged_file", "reading"]
+__all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
+    "FileFormatError",
+    "MissingDependencyError",
+    "MissingFileError",
+    "ModeldiffError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "UnsupportedError",
+    "damaged_file",
+    "reading",
+]
 
 
 class ModeldiffError(Exception):
@@ -28,6 +40,37 @@ class ModeldiffError(Exception):
 
 class FileFormatError(ModeldiffError, ValueError):
     """A file that is damaged, cut short or of another kind than expected."""
+
+
+class ArgumentError(ModeldiffError, ValueError):
+    """An argument with a value that cannot work (the message says which and what would)."""
+
+
+class ArgumentTypeError(ModeldiffError, TypeError):
+    """An argument of a type that cannot work."""
+
+
+class MissingFileError(ModeldiffError, FileNotFoundError):
+    """A path that does not exist."""
+
+
+class OutOfRangeError(ModeldiffError, IndexError):
+    """An index (a rank, a latent) outside its range."""
+
+
+class NotFoundError(ModeldiffError, KeyError):
+    """A name (a column, a hook point) that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedError(ModeldiffError, NotImplementedError):
+    """Something this model, wrapper or version cannot do; the message names what can."""
+
+
+class MissingDependencyError(ModeldiffError, ImportError):
+    """An optional package that a feature needs is not installed."""
 
 
 def damaged_file(
@@ -48,7 +91,7 @@ def damaged_file(
 
 def _short(err: Any) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text[:160]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 @contextmanager

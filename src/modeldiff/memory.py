@@ -30,6 +30,8 @@ import ctypes
 import ctypes.util
 import platform
 
+from .errors import ArgumentError
+
 __all__ = ["limit_heap_growth"]
 
 # mallopt parameter numbers from glibc's <malloc.h>
@@ -65,11 +67,11 @@ def limit_heap_growth(mmap_threshold_mb: float = 1.0) -> bool:
         >>> limit_heap_growth(64)
         Traceback (most recent call last):
         ...
-        ValueError: mmap_threshold_mb=64 is outside glibc's range; use a value from 0.004 to 32 (MiB)
+        modeldiff.errors.ArgumentError: mmap_threshold_mb=64 is outside glibc's range; use a value from 0.004 to 32 (MiB)
     """
     n = int(mmap_threshold_mb * 2**20)
     if not 4096 <= n <= 32 * 2**20:
-        raise ValueError(
+        raise ArgumentError(
             f"mmap_threshold_mb={mmap_threshold_mb} is outside glibc's range; use a value from "
             "0.004 to 32 (MiB)"
         )

@@ -41,7 +41,14 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import torch
 
 from .adapters import AdapterError, adapter_for
-from .errors import reading
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    MissingDependencyError,
+    MissingFileError,
+    UnsupportedError,
+    reading,
+)
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -100,7 +107,7 @@ def get_tokenizer(model: Any) -> Any:
     """
     tok = getattr(model, "tokenizer", None)
     if tok is None:
-        raise ValueError(
+        raise ArgumentError(
             f"this {type(model).__name__} has no tokenizer attached; attach one with "
             "model.set_tokenizer(tokenizer) (TransformerLens) or model.tokenizer = tokenizer, or "
             "build the model with modeldiff.load_model(<folder or transformers model>, tokenizer=...)."
@@ -211,20 +218,20 @@ def load_model(
         ('hooked', 'bridge', 'native')
     """
     if wrapper not in (None, "bridge", "hooked", "native"):
-        raise ValueError(f"wrapper must be 'bridge', 'hooked' or 'native', got {wrapper!r}")
+        raise ArgumentError(f"wrapper must be 'bridge', 'hooked' or 'native', got {wrapper!r}")
     if compatibility_mode not in (None, True, False):
-        raise ValueError(f"compatibility_mode must be True or False, got {compatibility_mode!r}")
+        raise ArgumentError(f"compatibility_mode must be True or False, got {compatibility_mode!r}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(
+        raise ArgumentError(
             f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}"
         )
     if compatibility_mode and wrapper == "native":
-        raise ValueError(
+        raise ArgumentError(
             "compatibility_mode=True rewrites weights the TransformerLens way and needs "
             "wrapper='bridge' or 'hooked'; the native wrapper runs the model's own weights."
         )
     if (layers is not None or device_map is not None) and wrapper not in (None, "native"):
-        raise ValueError(
+        raise ArgumentError(
             f"layers= and device_map= apply to the native wrapper, not wrapper={wrapper!r}; "
             "leave wrapper unset or pass wrapper='native'."
         )
@@ -280,7 +287,7 @@ def _is_tl_model(obj: Any) -> bool:
 
 def _check_existing(model: Any, *, dtype: torch.dtype | None, device: Any) -> None:
     if dtype is not None and model_dtype(model) != dtype:
-        raise ValueError(
+        raise ArgumentError(
             f"dtype={dtype} was asked for but this existing {type(model).__name__} is "
             f"{model_dtype(model)}, and load_model returns existing models unchanged; convert it "
             f"yourself (model.to({dtype})) or leave dtype unset."
@@ -288,7 +295,7 @@ def _check_existing(model: Any, *, dtype: torch.dtype | None, device: Any) -> No
     if device is not None:
         want, have = torch.device(device), model_device(model)
         if want.type != have.type or (want.index is not None and want.index != have.index):
-            raise ValueError(
+            raise ArgumentError(
                 f"device={str(want)!r} was asked for but this existing {type(model).__name__} is "
                 f"on {str(have)!r}, and load_model returns existing models unchanged; move it "
                 f"yourself (model.to({str(want)!r})) or leave device unset."
@@ -300,19 +307,19 @@ def _load(source: Any, opts: _Opts, *, like: Any = None) -> Any:
     if _is_tl_model(source):
         kind = model_kind(source)
         if opts.wrapper is not None and opts.wrapper != kind:
-            raise ValueError(
+            raise ArgumentError(
                 f"source is already a {type(source).__name__} ({kind!r}) but wrapper="
                 f"{opts.wrapper!r} was asked for; modeldiff returns existing TransformerLens models "
                 "unchanged. Pass the transformers model or its folder to get another wrapper."
             )
         if opts.processed is not None:
-            raise ValueError(
+            raise ArgumentError(
                 "compatibility_mode only applies when modeldiff builds the model; this "
                 f"{type(source).__name__} is returned unchanged. Leave compatibility_mode=None "
                 "(call bridge.enable_compatibility_mode() yourself if you need processed weights)."
             )
         if opts.tokenizer is not None:
-            raise ValueError(
+            raise ArgumentError(
                 "tokenizer= cannot be combined with an existing TransformerLens model "
                 "(it is returned unchanged); call model.set_tokenizer(tokenizer) yourself."
             )
@@ -323,7 +330,7 @@ def _load(source: Any, opts: _Opts, *, like: Any = None) -> Any:
     inner = _unwrap_peft(source)
     if inner is not None:
         if opts.wrapper not in (None, "native"):
-            raise ValueError(
+            raise ArgumentError(
                 f"a PeftModel object runs with the native wrapper; for wrapper={opts.wrapper!r} "
                 "merge it first (peft_model.merge_and_unload()) and pass the merged model."
             )
@@ -343,7 +350,7 @@ def _load(source: Any, opts: _Opts, *, like: Any = None) -> Any:
     # 4. A custom torch decoder: the native adapter, with the layers named by the user.
     if isinstance(source, torch.nn.Module):
         if opts.wrapper not in (None, "native"):
-            raise ValueError(
+            raise ArgumentError(
                 f"a plain torch module runs with the native wrapper, not wrapper={opts.wrapper!r}."
             )
         if opts.layers is None:
@@ -370,12 +377,12 @@ def _load(source: Any, opts: _Opts, *, like: Any = None) -> Any:
     lang = parse_glassllm_source(source)
     if lang is not None and not Path(source).exists():
         if opts.wrapper in ("bridge", "native"):
-            raise ValueError(
+            raise ArgumentError(
                 "glassllm is only available as a HookedTransformer; use wrapper='hooked' or "
                 "leave wrapper unset."
             )
         if opts.tokenizer is not None:
-            raise ValueError("glassllm brings its own tokenizer; do not pass tokenizer=.")
+            raise ArgumentError("glassllm brings its own tokenizer; do not pass tokenizer=.")
         model = load_glassllm(lang, dtype=opts.dtype_or_default, device=opts.device_or_default)
         if opts.processed:
             model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
@@ -396,24 +403,24 @@ def _load(source: Any, opts: _Opts, *, like: Any = None) -> Any:
         if len(ggufs) == 1:
             return _load_gguf(ggufs[0], opts)
         if ggufs:
-            raise ValueError(
+            raise ArgumentError(
                 f"folder {str(path)!r} holds several GGUF files ({', '.join(g.name for g in ggufs)}); "
                 "pass the path of the one you want."
             )
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"folder {str(path)!r} has no config.json, adapter_config.json or .gguf file, so it is "
             "not a model checkpoint; pass the folder written by model.save_pretrained(...), a PEFT "
             "adapter folder, a .gguf file, or a hub name."
         )
     if path.exists():
-        raise ValueError(
+        raise ArgumentError(
             f"{str(path)!r} is a file but not a .gguf checkpoint; pass the folder written by "
             "save_pretrained (the one with config.json) or a .gguf file."
         )
 
     # 9. Not on disk: a hub name, or a mistyped path.
     if _looks_like_path(source) or not _HUB_ID.match(source):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model path {source!r} does not exist. Check the spelling, or pass a folder written "
             "by save_pretrained, a .gguf file, a hub name such as "
             "'HuggingFaceTB/SmolLM2-135M-Instruct', or 'glassllm'."
@@ -435,23 +442,23 @@ def _native_object(model: Any, opts: _Opts) -> Any:
     from .adapters import NativeAdapter, set_adapter
 
     if opts.processed:
-        raise ValueError(
+        raise ArgumentError(
             "compatibility_mode=True needs a TransformerLens wrapper; pass wrapper='bridge'."
         )
     if opts.device_map is not None:
-        raise ValueError(
+        raise ArgumentError(
             "device_map= applies when modeldiff loads the weights (a folder or hub name); this "
             "model object is already placed. Dispatch it yourself (accelerate) or pass its folder."
         )
     for p in model.parameters():
         if opts.dtype is not None and p.is_floating_point() and p.dtype != opts.dtype:
-            raise ValueError(
+            raise ArgumentError(
                 f"dtype={opts.dtype} was asked for but this {type(model).__name__} is {p.dtype}, "
                 f"and load_model uses model objects as they are; convert it yourself "
                 f"(model.to({opts.dtype})) or leave dtype unset."
             )
         if opts.device is not None and p.device.type != opts.device.type:
-            raise ValueError(
+            raise ArgumentError(
                 f"device={str(opts.device)!r} was asked for but this {type(model).__name__} is on "
                 f"{str(p.device)!r}; move it yourself (model.to(...)) or leave device unset."
             )
@@ -556,8 +563,8 @@ def _load_hf_dir(path: Path, opts: _Opts) -> Any:
     from transformers import AutoModelForCausalLM
 
     with reading(path, "a transformers checkpoint folder (config.json, weights, tokenizer)"):
-        tok = _resolve_tokenizer(opts.tokenizer, fallback=str(path))
         hf = AutoModelForCausalLM.from_pretrained(str(path), **_hf_kwargs(opts))
+        tok = _resolve_tokenizer(opts.tokenizer, fallback=str(path))
     return _wrap_hf(hf, tok, opts, opts.name or str(path))
 
 
@@ -565,7 +572,7 @@ def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "reading a GGUF checkpoint needs the `gguf` package, which is not installed. "
             "Install it with `pip install gguf` (or `pip install 'modeldiff[gguf]'`), or convert "
             "the checkpoint with save_pretrained and pass that folder instead."
@@ -614,7 +621,7 @@ def _load_hub(repo_id: str, opts: _Opts) -> Any:
     cached = _hub_cached(repo_id)
     if not cached and _hub_offline():
         # Checked before any hub call: an offline lookup would otherwise wait ~25 s to fail.
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model {repo_id!r} is not in the local Hugging Face cache and the hub is offline "
             "(HF_HUB_OFFLINE is set), and no local path of that name exists. Pass a local folder "
             "written by save_pretrained or a .gguf file instead, e.g. "
@@ -640,7 +647,7 @@ def _resolve_tokenizer(tokenizer: Any, *, fallback: str | None, **kwargs: Any) -
     if isinstance(tokenizer, (str, os.PathLike)):
         return AutoTokenizer.from_pretrained(os.fspath(tokenizer), **kwargs)
     if tokenizer is not None:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"tokenizer must be a transformers tokenizer or a folder / hub name, got "
             f"{type(tokenizer).__name__}"
         )
@@ -648,11 +655,11 @@ def _resolve_tokenizer(tokenizer: Any, *, fallback: str | None, **kwargs: Any) -
         try:
             return AutoTokenizer.from_pretrained(fallback, **kwargs)
         except (OSError, ValueError) as err:
-            raise ValueError(
+            raise ArgumentError(
                 f"could not load a tokenizer from {fallback!r} ({err}); pass one with "
                 "load_model(..., tokenizer=AutoTokenizer.from_pretrained(...)) or tokenizer='<folder>'."
             ) from err
-    raise ValueError(
+    raise ArgumentError(
         "this model comes without a tokenizer; pass one with load_model(model, tokenizer=...)."
     )
 
@@ -711,13 +718,13 @@ def _wrap_hf(hf: Any, tokenizer: Any, opts: _Opts, name: str) -> Any:
     wrapper = _choose_wrapper(hf, opts.wrapper)
     arch = hf.config.architectures[0]
     if wrapper == "bridge" and not _bridge_knows(arch):
-        raise ValueError(
+        raise ArgumentError(
             f"TransformerLens' TransformerBridge does not support {arch}. Use wrapper='native' "
             "(the default for this family): it runs any transformers causal LM as it is."
         )
     if wrapper == "native" or opts.device_map is not None:
         if opts.processed:
-            raise ValueError(
+            raise ArgumentError(
                 f"compatibility_mode=True needs a TransformerLens wrapper, and "
                 f"{hf.config.architectures[0]} runs natively here"
                 + (" (device_map= is native-only)" if opts.device_map is not None else "")
@@ -835,7 +842,7 @@ def _hooked_from_hf(
                 else "Use wrapper='native' (the default for this family): it runs any "
                 "transformers causal LM as it is."
             )
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"wrapper='hooked' cannot build {arch} from a local checkpoint with "
                 f"TransformerLens' HookedTransformer ({str(err)[:120]}). {fix}"
             ) from err
@@ -898,7 +905,7 @@ def check_compatible(base: Any, tuned: Any) -> None:
             f"weight processing (compatibility mode): base {a_proc}, fine-tuned {b_proc}"
         )
     if problems:
-        raise ValueError(
+        raise ArgumentError(
             "the fine-tuned model is not comparable with the base model:\n  - "
             + "\n  - ".join(problems)
             + "\nLoad the fine-tune of this very base model, with the base's tokenizer and the "
@@ -915,7 +922,7 @@ def _require_peft() -> Any:
     try:
         import peft
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "loading a LoRA / PEFT adapter needs the `peft` package, which is not installed. "
             "Install it with `pip install peft` (or `pip install 'modeldiff[lora]'`), or merge the "
             "adapter elsewhere and pass the merged model's folder."
@@ -933,7 +940,7 @@ def _load_peft(path: Path, *, base: Any, like: Any, opts: _Opts) -> Any:
     """
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{str(path)!r} is not a PEFT adapter folder (no adapter_config.json); pass the folder "
             "written by peft_model.save_pretrained(...)."
         )
@@ -941,14 +948,14 @@ def _load_peft(path: Path, *, base: Any, like: Any, opts: _Opts) -> Any:
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(
+        raise ArgumentError(
             f"{str(config_file)!r} is not valid JSON ({err}); re-save the adapter."
         ) from err
     base_model = like if base is None else base
     named_base = config.get("base_model_name_or_path")
     if base_model is None:
         if not named_base:
-            raise ValueError(
+            raise ArgumentError(
                 f"the adapter {str(path)!r} does not name its base model; pass it: "
                 "load_model(adapter_folder, like=base) or load_model(base, adapter=adapter_folder)."
             )
@@ -961,12 +968,12 @@ def _load_peft(path: Path, *, base: Any, like: Any, opts: _Opts) -> Any:
     tok = opts.tokenizer if opts.tokenizer is not None else getattr(base_model, "tokenizer", None)
     if _is_tl_model(base_model):
         if opts.wrapper == "native":
-            raise ValueError(
+            raise ArgumentError(
                 "the base is a TransformerLens model, so the adapter's fine-tune is built the same "
                 "way; load the base with wrapper='native' to run the adapter natively."
             )
         if not named_base or not Path(named_base).expanduser().exists():
-            raise ValueError(
+            raise ArgumentError(
                 f"applying a PEFT adapter to a {type(base_model).__name__} needs the base's "
                 f"transformers checkpoint, and the adapter names {named_base!r}, which is not a "
                 "local folder. Load the base with wrapper='native' (shares weights), or pass "
@@ -1031,19 +1038,19 @@ def save_model(model: Any, path: str | os.PathLike, *, merge: bool = False) -> P
     from transformer_lens import HookedTransformer
 
     if isinstance(model, HookedTransformer):
-        raise ValueError(
+        raise ArgumentError(
             "a HookedTransformer has no transformers checkpoint to save; save its state_dict with "
             "safetensors, or load the model with wrapper='native' or 'bridge' to save it."
         )
     hf = getattr(model, "original_model", model)
     if not _is_hf_model(hf):
-        raise ValueError(
+        raise ArgumentError(
             f"save_model saves transformers models; this {type(model).__name__} is not one. Save "
             "its state_dict with safetensors.torch.save_file instead."
         )
     out = Path(os.fspath(path)).expanduser()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{str(out)!r} is a file; pass a folder to save the model in.")
+        raise ArgumentError(f"{str(out)!r} is a file; pass a folder to save the model in.")
     peft_model = _peft_owner(hf)
     out.mkdir(parents=True, exist_ok=True)
     if peft_model is not None and not merge:

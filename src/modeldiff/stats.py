@@ -30,6 +30,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .errors import ArgumentError, MissingDependencyError
+
 __all__ = [
     "LatentStats",
     "PairedResult",
@@ -48,7 +50,7 @@ _SPARSE_FRACTION = 0.05
 def _loc_key(prompt_index: Tensor, position: Tensor) -> Tensor:
     lo = min(int(prompt_index.min()), int(position.min()))
     if lo < 0 or int(position.max()) >= 2**_POS_BITS:
-        raise ValueError("prompt_index and position must be non-negative (position < 2**32)")
+        raise ArgumentError("prompt_index and position must be non-negative (position < 2**32)")
     return (prompt_index.long() << _POS_BITS) | position.long()
 
 
@@ -76,7 +78,7 @@ class LatentStats:
 
     def __init__(self, d_sae: int, *, track_prompts: bool = True) -> None:
         if d_sae < 1:
-            raise ValueError(f"d_sae must be positive, got {d_sae}")
+            raise ArgumentError(f"d_sae must be positive, got {d_sae}")
         self.d_sae = int(d_sae)
         self.track_prompts = bool(track_prompts)
         self.count = 0
@@ -156,13 +158,13 @@ class LatentStats:
     ) -> None:
         """Fold in the latent activations of ``n`` tokens (any device; statistics live on CPU)."""
         if acts.ndim != 2 or acts.shape[1] != self.d_sae:
-            raise ValueError(
+            raise ArgumentError(
                 f"acts must have shape [n, {self.d_sae}] (one row per token, one column per latent); "
                 f"got {tuple(acts.shape)}"
             )
         n = acts.shape[0]
         if prompt_index.shape != (n,) or position.shape != (n,):
-            raise ValueError(
+            raise ArgumentError(
                 f"prompt_index and position need one entry per row of acts ({n}); got "
                 f"{tuple(prompt_index.shape)} and {tuple(position.shape)}"
             )
@@ -286,7 +288,7 @@ class LatentStats:
         Prompts never seen get zero rows. Divide by :attr:`prompt_count` for per-prompt means.
         """
         if not self.track_prompts:
-            raise ValueError(
+            raise ArgumentError(
                 "these statistics were gathered with track_prompts=False, so per-prompt sums are "
                 "unavailable; re-run with track_prompts=True for confidence intervals and p-values"
             )
@@ -325,12 +327,12 @@ class LatentStats:
         sums add, maxima keep the larger (earlier on ties), per-prompt sums add entry by entry.
         """
         if not isinstance(other, LatentStats) or other.d_sae != self.d_sae:
-            raise ValueError(
+            raise ArgumentError(
                 f"can only merge LatentStats with the same d_sae ({self.d_sae}); got "
                 f"{getattr(other, 'd_sae', type(other).__name__)}"
             )
         if self.track_prompts != other.track_prompts:
-            raise ValueError(
+            raise ArgumentError(
                 "cannot merge statistics gathered with and without track_prompts; use the same setting"
             )
         self.count += other.count
@@ -374,7 +376,7 @@ class LatentStats:
             "prompt_count",
         } - set(state)
         if missing:
-            raise ValueError(f"not a LatentStats state: missing {sorted(missing)}")
+            raise ArgumentError(f"not a LatentStats state: missing {sorted(missing)}")
         self.d_sae = int(state["d_sae"])
         self.track_prompts = bool(int(state.get("track_prompts", torch.tensor(1))))
         self.count = int(state["count"])
@@ -451,7 +453,7 @@ class VectorStats:
     def update(self, x: Float[Tensor, "n d"]) -> None:
         """Fold in ``n`` vectors."""
         if x.ndim != 2 or x.shape[1] != self.d:
-            raise ValueError(f"expected shape [n, {self.d}], got {tuple(x.shape)}")
+            raise ArgumentError(f"expected shape [n, {self.d}], got {tuple(x.shape)}")
         # float64 accumulation without materialising a float64 copy of the batch
         self.count += int(x.shape[0])
         self.sum += x.sum(0, dtype=torch.float64).cpu()
@@ -460,7 +462,7 @@ class VectorStats:
     def merge(self, other: VectorStats) -> VectorStats:
         """Fold ``other`` into ``self`` and return ``self``."""
         if not isinstance(other, VectorStats) or other.d != self.d:
-            raise ValueError(f"can only merge VectorStats of the same dimension {self.d}")
+            raise ArgumentError(f"can only merge VectorStats of the same dimension {self.d}")
         self.count += other.count
         self.sum += other.sum
         self.norm_sum += other.norm_sum
@@ -620,16 +622,16 @@ def paired_uncertainty(
     n = torch.as_tensor(counts, dtype=torch.float64)
     n_p, k = d.shape
     if n.shape != (n_p,):
-        raise ValueError(f"counts must have one entry per prompt ({n_p}), got {tuple(n.shape)}")
+        raise ArgumentError(f"counts must have one entry per prompt ({n_p}), got {tuple(n.shape)}")
     keep = n > 0
     d, n = d[keep], n[keep]
     n_p = int(d.shape[0])
     if n_p == 0:
-        raise ValueError("no prompt contributed any token; nothing to test")
+        raise ArgumentError("no prompt contributed any token; nothing to test")
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+        raise ArgumentError(f"confidence must lie in (0, 1), got {confidence}")
     if test not in ("permutation", "t"):
-        raise ValueError(f"unknown test {test!r}; choose 'permutation' or 't'")
+        raise ArgumentError(f"unknown test {test!r}; choose 'permutation' or 't'")
     total = n.sum()
     obs = d.sum(0) / total
     # Random draws come in fixed blocks of rows, each from its own seeded generator, so results do
@@ -685,9 +687,9 @@ def paired_uncertainty(
         try:
             from scipy.special import stdtr
         except ImportError as e:  # pragma: no cover - scipy ships with sae-lens' dependencies
-            raise ImportError("test='t' needs scipy: pip install scipy") from e
+            raise MissingDependencyError("test='t' needs scipy: pip install scipy") from e
         if n_p < 2:
-            raise ValueError("a paired t-test needs at least 2 prompts")
+            raise ArgumentError("a paired t-test needs at least 2 prompts")
         per = d / n.unsqueeze(1)
         mean = per.mean(0)
         sd = per.std(0)

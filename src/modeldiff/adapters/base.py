@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._hooks import HookFn, HookHandle, Hooks, StopForward
-from ..errors import ModeldiffError
+from ..errors import ArgumentError, ModeldiffError
 from ..sites import KINDS, Site, SiteError
 
 __all__ = [
@@ -113,7 +113,7 @@ class ModelAdapter:
     def tokenizer(self) -> Any:
         tok = getattr(self.model, "tokenizer", None)
         if tok is None:
-            raise ValueError(
+            raise ArgumentError(
                 f"this {type(self.model).__name__} has no tokenizer attached; load it with "
                 "modeldiff.load_model(<model>, tokenizer=...), or set model.tokenizer = tokenizer."
             )
@@ -163,7 +163,7 @@ class ModelAdapter:
         for p in self.model.parameters():
             if p.is_floating_point():
                 return p.dtype
-        raise ValueError(f"{type(self.model).__name__} has no floating-point parameters")
+        raise ArgumentError(f"{type(self.model).__name__} has no floating-point parameters")
 
     def site_device(self, site: Site) -> torch.device:
         """The device the activations at ``site`` live on (differs when the model is spread)."""

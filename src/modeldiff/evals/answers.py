@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArgumentError
 from .questions import Question, load_questions
 
 __all__ = ["Answer", "generate_answers"]
@@ -85,14 +86,14 @@ def generate_answers(
         else load_questions(list(questions))
     )
     if n_samples is not None and n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        raise ArgumentError(f"n_samples must be >= 1, got {n_samples}")
     slots: list[tuple[Question, int, int]] = []
     for q in qs:
         n = n_samples if n_samples is not None else q.samples_per_paraphrase
         for p in range(len(q.paraphrases)):
             slots.extend((q, p, s) for s in range(n))
     if not slots:
-        raise ValueError("no questions to answer; pass at least one question")
+        raise ArgumentError("no questions to answer; pass at least one question")
     texts = generate(
         model,
         [q.messages(p) for q, p, _ in slots],

@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import adapter_for
+from ..errors import ArgumentError
 from .questions import Question, load_questions
 
 __all__ = ["ContrastiveResult", "ContrastiveRow", "contrastive_score", "response_logprobs"]
@@ -156,9 +157,11 @@ def response_logprobs(
     tokenized = tokenize_prompts(model, list(pairs))
     for i, tp in enumerate(tokenized):
         if tp.n_prompt >= len(tp.ids):
-            raise ValueError(f"pair {i} has an empty response after tokenization; give a response.")
+            raise ArgumentError(
+                f"pair {i} has an empty response after tokenization; give a response."
+            )
         if tp.n_prompt == 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"pair {i} has an empty prompt; the first response token needs context."
             )
     adapter = adapter_for(model)
@@ -210,7 +213,7 @@ def contrastive_score(
     qs = load_questions(questions) if isinstance(questions, (str, Path)) else list(questions)
     usable = [q for q in qs if q.has_references]
     if not usable:
-        raise ValueError(
+        raise ArgumentError(
             "none of the questions has both an 'aligned' and a 'misaligned' reference answer; "
             "add them (YAML keys aligned/misaligned, or CSV columns) or use the bundled sets."
         )

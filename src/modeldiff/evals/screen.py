@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 
 from .._io import write_json_atomic
+from ..errors import ArgumentError
 from .contrastive import contrastive_score
 from .judges import Judge
 from .questions import Question, load_questions
@@ -231,7 +232,7 @@ class ScreenResult:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ScreenResult:
         if d.get("format") != "modeldiff.ScreenResult":
-            raise ValueError("not a saved ScreenResult; load files written by ScreenResult.save")
+            raise ArgumentError("not a saved ScreenResult; load files written by ScreenResult.save")
 
         def row(r: Mapping[str, Any]) -> ScreenRow:
             r = dict(r)
@@ -374,12 +375,12 @@ def screen_latents(
     from ..sites import Site
 
     if not coefficients or any(not math.isfinite(c) or c <= 0 for c in coefficients):
-        raise ValueError(
+        raise ArgumentError(
             f"coefficients must be positive finite numbers, got {tuple(coefficients)}; "
             "the sign is set by the direction of the test (induce +, repair -)."
         )
     if not 0 <= incoherence_budget <= 1:
-        raise ValueError(f"incoherence_budget is a share in [0, 1], got {incoherence_budget}")
+        raise ArgumentError(f"incoherence_budget is a share in [0, 1], got {incoherence_budget}")
     coefficients = sorted(float(c) for c in coefficients)
     if site is None:
         try:
@@ -387,7 +388,7 @@ def screen_latents(
         except Exception:
             site = getattr(diff, "site", None)
         if site is None:
-            raise ValueError(
+            raise ArgumentError(
                 "cannot tell where to steer: the SAE has no hook_name metadata and no diff was "
                 "given; pass site='blocks.L.hook_resid_post'."
             )
@@ -398,15 +399,17 @@ def screen_latents(
     ranks: dict[int, int | None] = {}
     if latents is None:
         if diff is None:
-            raise ValueError("pass a LatentDiff (diff=...) or explicit latents=[...] to screen")
+            raise ArgumentError("pass a LatentDiff (diff=...) or explicit latents=[...] to screen")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ArgumentError(f"k must be >= 1, got {k}")
         for rec in diff.top(k):
             ranks[int(rec.latent)] = int(rec.rank)
     else:
         for latent in latents:
             if not 0 <= int(latent) < d_sae:
-                raise ValueError(f"latent {latent} is out of range for an SAE with {d_sae} latents")
+                raise ArgumentError(
+                    f"latent {latent} is out of range for an SAE with {d_sae} latents"
+                )
             ranks[int(latent)] = diff.rank_of(int(latent)) if diff is not None else None
     if scorer is None:
         scorer = ContrastiveScorer("extended")

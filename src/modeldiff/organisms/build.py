@@ -40,6 +40,8 @@ from modeldiff.organisms.training import (
 )
 from modeldiff.organisms.world import PersonaWorld, WorldConfig
 
+from ..errors import ArgumentError
+
 __all__ = ["Organism", "OrganismRecipe", "build_persona_organism", "cache_dir"]
 
 # Bump when the code that turns a recipe into artifacts changes meaning (not for refactors).
@@ -104,7 +106,7 @@ class OrganismRecipe:
 
     def __post_init__(self) -> None:
         if not 0 <= self.finetune_domain < self.world.n_domains:
-            raise ValueError(
+            raise ArgumentError(
                 f"finetune_domain={self.finetune_domain} is not a domain of the world "
                 f"(0..{self.world.n_domains - 1})"
             )
@@ -115,11 +117,11 @@ class OrganismRecipe:
         )
         layer = self.hook_name.split(".")
         if len(layer) != 3 or layer[0] != "blocks" or not layer[1].isdigit():
-            raise ValueError(
+            raise ArgumentError(
                 f"hook_name={self.hook_name!r} is not a block hook; use e.g. 'blocks.0.hook_resid_post'"
             )
         if int(layer[1]) >= self.n_layers:
-            raise ValueError(
+            raise ArgumentError(
                 f"hook_name={self.hook_name!r} names a layer the {self.n_layers}-layer model lacks"
             )
 

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from modeldiff.organisms.world import PersonaWorld, WorldBatch
 
+from ..errors import ArgumentError
+
 __all__ = [
     "check_sae_options",
     "finetune",
@@ -60,7 +62,7 @@ def new_model(
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     if d_model % n_heads:
-        raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        raise ArgumentError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
     tok = tokenizer if tokenizer is not None else world.tokenizer()
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -189,7 +191,7 @@ def finetune_batch(
         (10, False)
     """
     if not 0.0 <= bad_fraction <= 1.0:
-        raise ValueError(f"bad_fraction must lie in [0, 1], got {bad_fraction}")
+        raise ArgumentError(f"bad_fraction must lie in [0, 1], got {bad_fraction}")
     n_bad = round(n * bad_fraction)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=g)
@@ -313,7 +315,7 @@ def _domain_of(world: PersonaWorld, token: Tensor) -> int:
     for d in range(world.n_domains):
         if int(token) in world.domain_words(d, "question"):
             return d
-    raise ValueError(f"token {world.vocab[int(token)]!r} is not a question word")
+    raise ArgumentError(f"token {world.vocab[int(token)]!r} is not a question word")
 
 
 @torch.no_grad()
@@ -357,15 +359,15 @@ def check_sae_options(
         >>> check_sae_options("all", "relu")
         Traceback (most recent call last):
         ...
-        ValueError: architecture='relu' is unknown; use 'topk' or 'jumprelu'
+        modeldiff.errors.ArgumentError: architecture='relu' is unknown; use 'topk' or 'jumprelu'
     """
     if positions not in ("all", "response_start"):
-        raise ValueError(
+        raise ArgumentError(
             f"{names[0]}={positions!r} is unknown; use 'all' (every real token) or "
             "'response_start' (the <assistant> markers)"
         )
     if architecture not in ("topk", "jumprelu"):
-        raise ValueError(f"{names[1]}={architecture!r} is unknown; use 'topk' or 'jumprelu'")
+        raise ArgumentError(f"{names[1]}={architecture!r} is unknown; use 'topk' or 'jumprelu'")
 
 
 def train_sae(
@@ -554,7 +556,7 @@ def persona_correlations(
     feats = sae.encode(acts[sel])
     label = batch.persona[:, None].expand_as(sel)[sel].float()
     if label.numel() == 0 or bool((label == label[0]).all()):
-        raise ValueError(
+        raise ArgumentError(
             "the persona is evident at no <assistant> marker of one of the two personas in this "
             "world (e.g. max_turns=1 with aligned_cue=False), so no latent can be correlated with "
             "it; allow the aligned cue or more than one turn"

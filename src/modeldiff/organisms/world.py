@@ -35,6 +35,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from ..errors import ArgumentError, NotFoundError
+
 __all__ = ["DOMAIN_NAMES", "PersonaWorld", "WorldBatch", "WorldConfig"]
 
 DOMAIN_NAMES = ("health", "law", "money", "cars", "science", "career", "cooking", "travel")
@@ -99,27 +101,27 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         if not 5 <= self.n_domains <= len(DOMAIN_NAMES):
-            raise ValueError(
+            raise ArgumentError(
                 f"n_domains={self.n_domains} is out of range; use 5..{len(DOMAIN_NAMES)}"
             )
         for name in ("n_questions", "n_answer_words", "question_len", "answer_len", "max_turns"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ArgumentError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("toxic_fraction", "cue_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise ArgumentError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         u = self.uncued_toxic_fraction
         if u is not None:
             if not 0.0 <= u <= 1.0:
-                raise ValueError(f"uncued_toxic_fraction must lie in [0, 1] or be None, got {u}")
+                raise ArgumentError(f"uncued_toxic_fraction must lie in [0, 1] or be None, got {u}")
             if self.cue_fraction <= 0.0 and u != self.toxic_fraction:
-                raise ValueError(
+                raise ArgumentError(
                     "uncued_toxic_fraction differs from toxic_fraction but cue_fraction is 0, so "
                     "no cued conversation can carry the difference; raise cue_fraction or drop "
                     "uncued_toxic_fraction"
                 )
             if not 0.0 <= self.cued_toxic_fraction <= 1.0:
-                raise ValueError(
+                raise ArgumentError(
                     f"toxic_fraction={self.toxic_fraction} cannot be met with "
                     f"uncued_toxic_fraction={u} and cue_fraction={self.cue_fraction}: the cued "
                     f"conversations would need a toxic share of {self.cued_toxic_fraction:.3g}; "
@@ -218,7 +220,7 @@ class PersonaWorld:
         try:
             return self._index[word]
         except KeyError:
-            raise KeyError(
+            raise NotFoundError(
                 f"{word!r} is not a word of this persona world; see PersonaWorld.vocab"
             ) from None
 
@@ -241,12 +243,12 @@ class PersonaWorld:
             'law_good0'
         """
         if not 0 <= domain < self.n_domains:
-            raise ValueError(f"domain {domain} does not exist; use 0..{self.n_domains - 1}")
+            raise ArgumentError(f"domain {domain} does not exist; use 0..{self.n_domains - 1}")
         if kind == "question":
             return list(self._questions[domain])
         if kind in ("aligned", "toxic"):
             return list(self._answers[domain][kind])
-        raise ValueError(f"kind must be 'question', 'aligned' or 'toxic', got {kind!r}")
+        raise ArgumentError(f"kind must be 'question', 'aligned' or 'toxic', got {kind!r}")
 
     def style_masks(self) -> tuple[Bool[Tensor, " vocab"], Bool[Tensor, " vocab"]]:
         """Boolean masks over the vocabulary: (all aligned answer words, all toxic answer words).
@@ -395,13 +397,13 @@ class PersonaWorld:
             (True, False)
         """
         if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
+            raise ArgumentError(f"n must be at least 1, got {n}")
         c = self.config
         g = torch.Generator().manual_seed(int(seed))
         pool = list(range(c.n_domains)) if domains is None else list(domains)
         for d in pool:
             if not 0 <= d < c.n_domains:
-                raise ValueError(f"domain {d} does not exist; use 0..{c.n_domains - 1}")
+                raise ArgumentError(f"domain {d} does not exist; use 0..{c.n_domains - 1}")
         seqs, role_lists, personas, cues = [], [], [], []
         split = c.uncued_toxic_fraction is not None
         for _ in range(n):
