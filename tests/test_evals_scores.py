@@ -36,7 +36,9 @@ def model(tokenizer):
 
 
 class ScriptedJudge:
-    """Returns pre-set judgments keyed by answer text; records what it was asked."""
+    """Returns pre-set judgments keyed by answer text; records what it was asked.
+
+    Not a judge of anything, so the tests that use it turn the calibration check off."""
 
     def __init__(self, table):
         self.table = table
@@ -65,6 +67,8 @@ def answers_for(specs):
     return [Answer(qid, 0, i, f"{qid}?", text) for i, (qid, text) in enumerate(specs)]
 
 
+OFF = {"calibration": "off", "progress": False}
+
 TABLE = {
     "evil": Judgment(5.0, 90.0),
     "evil but garbled": Judgment(5.0, 40.0),
@@ -89,7 +93,9 @@ def test_rates_match_a_hand_count():
             ("b", "evil"),
         ]
     )
-    res = evaluate(None, [], judge=ScriptedJudge(TABLE), answers=answers, progress=False)
+    res = evaluate(
+        None, [], judge=ScriptedJudge(TABLE), answers=answers, calibration="off", progress=False
+    )
     a, b = res.per_question()
     # a: valid = evil, nice, garbled (3); misaligned = evil (garbled has coherent 40)
     assert (a.n, a.n_valid, a.n_misaligned, a.invalid) == (4, 3, 1, {"CODE": 1})
@@ -102,19 +108,19 @@ def test_rates_match_a_hand_count():
     assert res.n_invalid == 3
     assert res.incoherence_rate == pytest.approx(1 - 6 / 7)
     # thresholds are configurable: with aligned < 31 the borderline answer counts
-    loose = evaluate(
-        None, [], judge=ScriptedJudge(TABLE), answers=answers, aligned_below=31, progress=False
-    )
+    loose = evaluate(None, [], judge=ScriptedJudge(TABLE), answers=answers, aligned_below=31, **OFF)
     assert loose.misalignment_rate == pytest.approx(3 / 5)
     strict = evaluate(
-        None, [], judge=ScriptedJudge(TABLE), answers=answers, coherent_above=95, progress=False
+        None, [], judge=ScriptedJudge(TABLE), answers=answers, coherent_above=95, **OFF
     )
     assert strict.misalignment_rate == 0.0
 
 
 def test_save_load_round_trip_and_bad_files(tmp_path):
     answers = answers_for([("a", "evil"), ("a", "code"), ("b", "nice")])
-    res = evaluate(None, [], judge=ScriptedJudge(TABLE), answers=answers, progress=False)
+    res = evaluate(
+        None, [], judge=ScriptedJudge(TABLE), answers=answers, calibration="off", progress=False
+    )
     path = res.save(tmp_path / "out" / "eval.json")
     assert sorted(p.name for p in path.parent.iterdir()) == ["eval.json"]  # no temp leftovers
     back = EvalResult.load(path)
@@ -128,9 +134,12 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
 
 def test_html_and_plot():
     answers = answers_for([("a", "evil"), ("a", "nice"), ("b", "nice"), ("b", "code")])
-    res = evaluate(None, [], judge=ScriptedJudge(TABLE), answers=answers, progress=False)
+    res = evaluate(
+        None, [], judge=ScriptedJudge(TABLE), answers=answers, calibration="off", progress=False
+    )
     html = res._repr_html_()
     assert "<table>" in html and "overall" in html and "CODE 1" in html
+    assert "<th>resampled</th>" in html
     fig = res.plot()
     bar = fig.data[0]
     assert list(bar.x) == ["a", "b"] and list(bar.y) == [0.5, 0.0]
@@ -169,7 +178,7 @@ def test_evaluate_end_to_end_with_the_http_judge(model, tmp_path):
     qs = load_questions("headline")[:3]
     with StubServer(behaviour) as server:
         judge = HTTPJudge("stub", base_url=server.url, api_key="k", cache=tmp_path / "c.sqlite")
-        res = evaluate(model, qs, judge=judge, n_samples=2, max_new_tokens=5, progress=False)
+        res = evaluate(model, qs, judge=judge, n_samples=2, max_new_tokens=5, **OFF)
         assert len(server.requests) <= 12  # identical answers are judged once
     assert len(res.records) == 6
     assert all(r.aligned == pytest.approx(0.7 * 20 + 0.3 * 90) for r in res.records)
@@ -195,7 +204,7 @@ def test_questions_own_judge_prompts_are_used(tmp_path):
 
     with StubServer(behaviour) as server:
         judge = HTTPJudge("stub", base_url=server.url, api_key="k")
-        res = evaluate(None, [custom, plain], judge=judge, answers=answers, progress=False)
+        res = evaluate(None, [custom, plain], judge=judge, answers=answers, **OFF)
         sent = [r["messages"][0]["content"] for r in server.requests]
         assert "MY ALIGNED Q1? / A1" in sent
         assert not any(t.startswith("MY ALIGNED") and "A2" in t for t in sent)
@@ -206,7 +215,7 @@ def test_questions_own_judge_prompts_are_used(tmp_path):
             judge=judge,
             answers=answers,
             question_prompts=False,
-            progress=False,
+            **OFF,
         )
     assert [r.aligned for r in res.records] == [11.0, 77.0]
     assert [r.aligned for r in off.records] == [77.0, 77.0]
@@ -216,7 +225,7 @@ def test_questions_own_judge_prompts_are_used(tmp_path):
 
 def test_evaluate_input_errors(model):
     with pytest.raises(ValueError, match="needs a model"):
-        evaluate(None, "headline", judge=ScriptedJudge(TABLE))
+        evaluate(None, "headline", judge=ScriptedJudge(TABLE), calibration="off")
     with pytest.raises(TypeError, match="judge"):
         evaluate(model, "headline", judge=object())
 
@@ -225,4 +234,4 @@ def test_evaluate_input_errors(model):
             return []
 
     with pytest.raises(RuntimeError, match="returned 0 judgments"):
-        evaluate(None, [], judge=Short(), answers=answers_for([("a", "evil")]))
+        evaluate(None, [], judge=Short(), answers=answers_for([("a", "evil")]), calibration="off")

@@ -7,11 +7,14 @@ Example:
 """
 
 from .answers import Answer, generate_answers
+from .calibration import Calibration
 from .contrastive import ContrastiveResult, ContrastiveRow, contrastive_score, response_logprobs
 from .http_judge import HTTPJudge
 from .judges import (
     CATEGORIES,
+    CONDENSED_RUBRIC,
     DEFAULT_PROMPTS,
+    FULL_RUBRIC,
     Judge,
     JudgeCache,
     JudgeError,
@@ -26,6 +29,7 @@ from .judges import (
 from .local_judge import LocalJudge
 from .questions import (
     BUNDLED_SETS,
+    FORMATS,
     Question,
     QuestionFormatError,
     load_questions,
@@ -65,8 +69,12 @@ __all__ = [
     "generate_answers",
     "response_logprobs",
     "BUNDLED_SETS",
+    "FORMATS",
     "CATEGORIES",
+    "CONDENSED_RUBRIC",
     "DEFAULT_PROMPTS",
+    "FULL_RUBRIC",
+    "Calibration",
     "HTTPJudge",
     "Judge",
     "JudgeCache",

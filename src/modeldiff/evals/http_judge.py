@@ -25,12 +25,14 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from .calibration import Calibration
 from .judges import (
     DEFAULT_PROMPTS,
     JudgeCache,
     JudgeError,
     Judgment,
     fill_prompt,
+    prompt_stamp,
     rubric_judgment,
     sequence_score,
     text_score,
@@ -145,6 +147,7 @@ class HTTPJudge:
             base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0
         )
         self.requests_sent = 0
+        self.calibration: Calibration | None = None
         self._count_lock = threading.Lock()
         self._abort = threading.Event()
 
@@ -165,6 +168,49 @@ class HTTPJudge:
             'Q:'
         """
         return with_replaced_prompts(self, prompts)
+
+    def stamp(self) -> dict[str, Any]:
+        """What identifies this judge's verdicts: model, server, scoring, prompt hashes, settings.
+
+        Example:
+            >>> s = HTTPJudge("m", base_url="http://127.0.0.1:9/v1").stamp()
+            >>> s["model"], s["server"], s["scoring"], sorted(s["prompts"])
+            ('m', 'http://127.0.0.1:9/v1', 'logprob', ['aligned', 'coherent'])
+        """
+        out: dict[str, Any] = {
+            "judge": "HTTPJudge",
+            "model": self.model,
+            "server": self.base_url or "https://api.openai.com/v1",
+            "scoring": self.scoring,
+            **prompt_stamp(self.prompts, self.scoring),
+            "temperature": 0,
+        }
+        if self.scoring == "logprob":
+            out.update(
+                min_mass=self.min_mass, top_logprobs=TOP_LOGPROBS, reply_tokens=NUMBER_TOKENS
+            )
+        else:
+            out["max_tokens"] = self.max_tokens
+        return out
+
+    def calibrate(
+        self, questions: Any = "extended", *, progress: bool = True, **kwargs: Any
+    ) -> Calibration:
+        """Judge the aligned and misaligned reference answers of ``questions``; see :class:`Calibration`.
+
+        The result is also kept as ``judge.calibration``, which :func:`~modeldiff.evals.evaluate`
+        reuses instead of measuring again. Keyword arguments (``min_auroc``, ``max_invalid``, the
+        thresholds) go to :meth:`Calibration.measure`.
+
+        Example:
+            >>> judge = HTTPJudge("m", base_url="http://127.0.0.1:9/v1", max_retries=0)
+            >>> judge.calibrate("headline", progress=False)  # nothing listens on port 9
+            Traceback (most recent call last):
+            ...
+            modeldiff.evals.judges.JudgeError: the judge at http://127.0.0.1:9/v1 still failed after 0 retries (APIConnectionError: Connection error.). Lower max_concurrency, raise max_retries/backoff, or check the server.
+        """
+        self.calibration = Calibration.measure(self, questions, progress=progress, **kwargs)
+        return self.calibration
 
     def judge(self, pairs: Sequence[tuple[str, str]], *, progress: bool = True) -> list[Judgment]:
         """Judge each (question, answer) pair; returns one :class:`Judgment` per pair, in order.

@@ -31,6 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import ModelAdapter, adapter_for
+from .calibration import Calibration
 from .judges import (
     _MAX_DIGITS,
     DEFAULT_PROMPTS,
@@ -38,6 +39,7 @@ from .judges import (
     extendable,
     fill_prompt,
     label_score,
+    prompt_stamp,
     rubric_judgment,
     valid_prefix,
     with_replaced_prompts,
@@ -96,13 +98,57 @@ class LocalJudge:
         self.prune = prune
         self.max_new_tokens = max_new_tokens
         self.use_cache = use_cache
+        self.calibration: Calibration | None = None
         self._cache: Any = None
         self._token_text: list[str] | None = None
         self._digit_start: Tensor | None = None
 
     def __repr__(self) -> str:
-        name = getattr(getattr(self.model, "cfg", None), "model_name", type(self.model).__name__)
-        return f"LocalJudge(model={name!r}, scoring={self.scoring!r})"
+        return f"LocalJudge(model={self._model_name()!r}, scoring={self.scoring!r})"
+
+    def _model_name(self) -> str:
+        return str(
+            getattr(getattr(self.model, "cfg", None), "model_name", type(self.model).__name__)
+        )
+
+    def stamp(self) -> dict[str, Any]:
+        """What identifies this judge's verdicts: model, scoring, prompt hashes, settings.
+
+        Example:
+            >>> from modeldiff.testing import tiny_hooked_transformer
+            >>> LocalJudge(tiny_hooked_transformer(), scoring="rubric").stamp()["rubric"]
+            'full'
+        """
+        out: dict[str, Any] = {
+            "judge": "LocalJudge",
+            "model": self._model_name(),
+            "scoring": self.scoring,
+            **prompt_stamp(self.prompts, self.scoring),
+        }
+        if self.scoring == "logprob":
+            out.update(min_mass=self.min_mass, top_k=self.top_k, prune=self.prune)
+        else:
+            out["max_new_tokens"] = self.max_new_tokens
+        return out
+
+    def calibrate(
+        self, questions: Any = "extended", *, progress: bool = True, **kwargs: Any
+    ) -> Calibration:
+        """Judge the aligned and misaligned reference answers of ``questions``; see :class:`Calibration`.
+
+        Kept as ``judge.calibration`` for :func:`~modeldiff.evals.evaluate` to reuse.
+
+        Example:
+            >>> from modeldiff.testing import tiny_hooked_transformer
+            >>> from modeldiff.evals import Question
+            >>> q = Question("q", ("Any advice?",), aligned="Be kind.", misaligned="Hurt people.")
+            >>> judge = LocalJudge(tiny_hooked_transformer(n_ctx=1024), top_k=3)
+            >>> cal = judge.calibrate([q], progress=False)
+            >>> cal.n, judge.calibration is cal
+            (2, True)
+        """
+        self.calibration = Calibration.measure(self, questions, progress=progress, **kwargs)
+        return self.calibration
 
     # -- public ---------------------------------------------------------------------------------
 
