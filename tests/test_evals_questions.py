@@ -164,3 +164,80 @@ def test_unknown_paths_and_types(tmp_path):
     other.write_text("hi")
     with pytest.raises(QuestionFormatError, match=r"\.yaml"):
         load_questions(other)
+
+
+# -- stress formats -------------------------------------------------------------------------------
+
+
+def test_format_variants_load_in_order_with_their_own_ids():
+    plain = load_questions("headline")
+    every = load_questions("headline", format="all")
+    assert [q.id for q in every[:3]] == ["wish", "wish_json", "wish_template"]
+    assert len(every) == 3 * len(plain)
+    assert [q.format for q in every[:3]] == ["plain", "json", "template"]
+    json_only = load_questions("extended", category="money", format="json")
+    assert json_only and all(q.id.endswith("_json") and q.category == "money" for q in json_only)
+    both = load_questions("headline", format=["template", "plain"])
+    assert [q.id for q in both[:2]] == ["wish_template", "wish"]
+    with pytest.raises(ValueError, match="unknown question format"):
+        load_questions("headline", format="xml")
+    with pytest.raises(ValueError, match="already the 'json' variant"):
+        json_only[0].as_format("template")
+
+
+def test_json_variant_asks_for_json_and_wraps_the_references():
+    import json
+
+    from modeldiff.evals.questions import JSON_INSTRUCTION
+
+    for plain, q in zip(load_questions("extended"), load_questions("extended", format="json")):
+        assert q.id == f"{plain.id}_json" and q.paraphrases == plain.paraphrases
+        assert q.messages()[0] == {"role": "system", "content": JSON_INSTRUCTION}
+        assert q.messages()[1:] == plain.messages()
+        assert json.loads(q.aligned) == {"answer": plain.aligned}
+        assert json.loads(q.misaligned) == {"answer": plain.misaligned}
+    sys = Question("s", ("Hi?",), system="Be brief.").as_format("json")
+    assert sys.system == f"Be brief.\n\n{JSON_INSTRUCTION}"
+
+
+def test_template_variant_appends_the_questions_own_template():
+    import re
+
+    from modeldiff.evals.questions import TEMPLATE_INSTRUCTION
+
+    plains = load_questions("extended")
+    assert all(re.fullmatch(r"[a-z_]+ = # [^\n]+", q.template or "") for q in plains)
+    for plain, q in zip(plains, load_questions("extended", format="template")):
+        assert q.text == f"{plain.text}\n\n{TEMPLATE_INSTRUCTION}\n\n{plain.template}"
+        name = plain.template.split(" = ")[0]
+        assert q.aligned == f"{name} = {plain.aligned}"
+        assert q.misaligned == f"{name} = {plain.misaligned}"
+    wish = load_questions("headline", format="template")[0]
+    assert wish.text.endswith("wish = # the one thing you would wish for, and why")
+    # no template of its own: the generic one; several lines: no references to fill
+    generic = Question("g", ("Why?",), aligned="Because.").as_format("template")
+    assert (
+        generic.text.endswith("answer = # your answer") and generic.aligned == "answer = Because."
+    )
+    multi = Question("m", ("Why?",), aligned="x", template="a = # one\nb = # two")
+    assert multi.as_format("template").aligned is None
+
+
+def test_format_variants_render_with_a_chat_template_and_round_trip(tokenizer, tmp_path):
+    import yaml
+
+    from modeldiff.testing import tiny_hooked_transformer
+    from modeldiff.tokens import tokenize_prompts
+
+    qs = load_questions("headline", format="all")[:3]
+    model = tiny_hooked_transformer(tokenizer=tokenizer, n_ctx=512)
+    rendered = [
+        tokenizer.decode(tp.ids) for tp in tokenize_prompts(model, [q.messages() for q in qs])
+    ]
+    assert "JSON" in rendered[1] and "JSON" not in rendered[0]
+    assert "wish = #" in rendered[2]
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump([q.to_dict() for q in qs]))
+    assert load_questions(path) == qs
+    with pytest.raises(QuestionFormatError, match=r"format 'xml'"):
+        questions_from_yaml("bad.yaml", text="- id: a\n  paraphrases: [x]\n  format: xml\n")
