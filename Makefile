@@ -35,3 +35,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# Opt-in, not part of `make test`: HTTPJudge end to end against a real llama.cpp server serving
+# SmolLM2-135M on 127.0.0.1. Builds llama-cpp-python[server] from its sdist into a venv of its own
+# (about 8 minutes on 2 cores, once), then runs scripts/judge_server_check.py with the project's.
+JUDGE_VENV ?= build/judge-server-venv
+LLAMA_CPP ?= llama-cpp-python[server]==0.3.36
+.PHONY: judge-server-check
+judge-server-check: $(STAMP)
+	test -x $(JUDGE_VENV)/bin/python || python3 -m venv $(JUDGE_VENV)
+	$(JUDGE_VENV)/bin/python -m pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(JUDGE_VENV)/bin/python -m pip install -q "$(LLAMA_CPP)"
+	HF_HUB_OFFLINE=1 $(PY) scripts/judge_server_check.py --server-python $(JUDGE_VENV)/bin/python
