@@ -241,3 +241,15 @@ def test_format_variants_render_with_a_chat_template_and_round_trip(tokenizer, t
     assert load_questions(path) == qs
     with pytest.raises(QuestionFormatError, match=r"format 'xml'"):
         questions_from_yaml("bad.yaml", text="- id: a\n  paraphrases: [x]\n  format: xml\n")
+
+
+def test_eval_errors_share_the_library_base_class():
+    from modeldiff.errors import ModeldiffError
+    from modeldiff.evals import JudgeError
+
+    with pytest.raises(ModeldiffError):
+        questions_from_yaml("bad.yaml", text="id: a\n")
+    with pytest.raises(ModeldiffError):
+        load_questions("headline", format="xml")
+    assert issubclass(JudgeError, RuntimeError) and issubclass(JudgeError, ModeldiffError)
+    assert issubclass(QuestionFormatError, ValueError)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_json_atomic
+from ..errors import ArgumentError
 from .judges import Judgment, judge_stamp
 from .questions import Question, load_questions
 
@@ -131,13 +132,13 @@ class Calibration:
         judged as the answer to the question's first wording.
         """
         if not 0.0 <= min_auroc <= 1.0 or not 0.0 <= max_invalid <= 1.0:
-            raise ValueError(
+            raise ArgumentError(
                 f"min_auroc and max_invalid are shares in [0, 1]; got {min_auroc}, {max_invalid}"
             )
         qs = load_questions(questions if isinstance(questions, (str, Path)) else list(questions))
         usable = [q for q in qs if q.has_references]
         if not usable:
-            raise ValueError(
+            raise ArgumentError(
                 "calibration needs questions with both an 'aligned' and a 'misaligned' reference "
                 "answer; the bundled sets ('headline', 'extended') all have them."
             )
@@ -172,7 +173,7 @@ class Calibration:
     def mean_score(self, reference: str) -> float | None:
         """Mean aligned score the judge gave the ``"aligned"`` or ``"misaligned"`` references."""
         if reference not in REFERENCES:
-            raise ValueError(f"reference must be 'aligned' or 'misaligned', got {reference!r}")
+            raise ArgumentError(f"reference must be 'aligned' or 'misaligned', got {reference!r}")
         scores = self._scores(reference)
         return sum(scores) / len(scores) if scores else None
 
@@ -278,7 +279,7 @@ class Calibration:
             if (i.question_id, i.reference) in theirs
         ]
         if not pairs:
-            raise ValueError("the two calibrations share no (question, reference) items")
+            raise ArgumentError("the two calibrations share no (question, reference) items")
         cut = (self.aligned_below, self.coherent_above)
         verdicts = [(_verdict(a, *cut), _verdict(b, *cut)) for a, b in pairs]
         n = len(pairs)
@@ -319,7 +320,7 @@ class Calibration:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
         if d.get("format") != "modeldiff.Calibration":
-            raise ValueError(
+            raise ArgumentError(
                 "this JSON is not a saved Calibration (no 'format: modeldiff.Calibration'); "
                 "load files written by Calibration.save."
             )

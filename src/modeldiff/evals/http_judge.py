@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from ..errors import ArgumentError
 from .calibration import Calibration
 from .judges import (
     DEFAULT_PROMPTS,
@@ -105,10 +106,10 @@ class HTTPJudge:
                 "HTTPJudge needs the openai client: pip install 'modeldiff[judge]'"
             ) from e
         if scoring not in ("logprob", "rubric"):
-            raise ValueError(f"scoring must be 'logprob' or 'rubric', got {scoring!r}")
+            raise ArgumentError(f"scoring must be 'logprob' or 'rubric', got {scoring!r}")
         model = model or os.environ.get("MODELDIFF_JUDGE_MODEL")
         if not model:
-            raise ValueError(
+            raise ArgumentError(
                 "no judge model given: pass HTTPJudge(model=...) or set MODELDIFF_JUDGE_MODEL."
             )
         base_url = (
@@ -121,13 +122,13 @@ class HTTPJudge:
         )
         if not api_key:
             if base_url is None:
-                raise ValueError(
+                raise ArgumentError(
                     "no API key for the judge: pass api_key=..., set MODELDIFF_JUDGE_API_KEY or "
                     "OPENAI_API_KEY, or give base_url= for a local server that needs no key."
                 )
             api_key = "not-needed"  # vLLM / Ollama / LM Studio accept any key
         if max_concurrency < 1 or max_retries < 0:
-            raise ValueError("max_concurrency must be >= 1 and max_retries >= 0")
+            raise ArgumentError("max_concurrency must be >= 1 and max_retries >= 0")
         self.model = model
         self.base_url = base_url
         self.scoring: Scoring = scoring

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import ArgumentError, ModeldiffError
 from .prompts import CONDENSED_RUBRIC, DEFAULT_PROMPTS, FULL_RUBRIC
 
 __all__ = [
@@ -62,7 +63,7 @@ __all__ = [
 CATEGORIES = ("CODE", "REFUSAL", "INCOHERENT", "SATIRICAL/ABSURD", "OFF-TOPIC")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(ModeldiffError, RuntimeError):
     """A judge could not produce judgments (server unreachable, bad credentials, retries spent)."""
 
 
@@ -439,7 +440,7 @@ def rubric_to_aligned(score: int) -> float:
         [100.0, 50.0, 25.0, 0.0]
     """
     if not 1 <= score <= 5:
-        raise ValueError(f"rubric scores run from 1 to 5, got {score}")
+        raise ArgumentError(f"rubric scores run from 1 to 5, got {score}")
     return 100.0 * (5 - score) / 4
 
 
@@ -519,7 +520,7 @@ class JudgeCache:
 def fill_prompt(template: str, question: str, answer: str) -> str:
     """Fill ``{question}`` and ``{answer}`` in a judge prompt (other braces are left alone)."""
     if "{question}" not in template or "{answer}" not in template:
-        raise ValueError(
+        raise ArgumentError(
             "a judge prompt must contain the placeholders {question} and {answer}; "
             f"got a template starting {template[:60]!r}"
         )
@@ -583,7 +584,7 @@ def with_replaced_prompts(judge: Any, prompts: Mapping[str, str]) -> Any:
     """
     unknown = set(prompts) - set(DEFAULT_PROMPTS)
     if unknown:
-        raise ValueError(
+        raise ArgumentError(
             f"unknown judge prompt name(s) {sorted(unknown)}; use {sorted(DEFAULT_PROMPTS)}"
         )
     for text in prompts.values():

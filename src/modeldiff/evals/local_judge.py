@@ -31,6 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import ModelAdapter, adapter_for
+from ..errors import ArgumentError
 from .calibration import Calibration
 from .judges import (
     _MAX_DIGITS,
@@ -82,9 +83,9 @@ class LocalJudge:
         use_cache: bool = True,
     ) -> None:
         if scoring not in ("logprob", "rubric"):
-            raise ValueError(f"scoring must be 'logprob' or 'rubric', got {scoring!r}")
+            raise ArgumentError(f"scoring must be 'logprob' or 'rubric', got {scoring!r}")
         if getattr(model, "tokenizer", None) is None:
-            raise ValueError(
+            raise ArgumentError(
                 "the judge model has no tokenizer; load it with modeldiff.load_model(...) or pass "
                 "a model built with tokenizer=..."
             )

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import ArgumentError, ArgumentTypeError, FileFormatError, MissingFileError
+
 __all__ = [
     "BUNDLED_SETS",
     "FORMATS",
@@ -64,7 +66,7 @@ _ONE_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*) = #[^\n]*$")
 Message = dict[str, str]
 
 
-class QuestionFormatError(ValueError):
+class QuestionFormatError(FileFormatError):
     """A question file could not be read; the message names the file, the line and the fix."""
 
 
@@ -98,15 +100,15 @@ class Question:
 
     def __post_init__(self) -> None:
         if not self.id:
-            raise ValueError("a Question needs a non-empty id")
+            raise ArgumentError("a Question needs a non-empty id")
         if isinstance(self.paraphrases, str):
             object.__setattr__(self, "paraphrases", (self.paraphrases,))
         if not self.paraphrases or not all(isinstance(p, str) and p for p in self.paraphrases):
-            raise ValueError(
+            raise ArgumentError(
                 f"question {self.id!r} needs at least one non-empty paraphrase (a string)"
             )
         if self.samples_per_paraphrase < 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"question {self.id!r}: samples_per_paraphrase must be >= 1, "
                 f"got {self.samples_per_paraphrase}"
             )
@@ -134,11 +136,11 @@ class Question:
             '{"answer": "Peace."}'
         """
         if format not in FORMATS:
-            raise ValueError(f"unknown question format {format!r}; use one of {FORMATS}")
+            raise ArgumentError(f"unknown question format {format!r}; use one of {FORMATS}")
         if format == self.format:
             return self
         if self.format != "plain":
-            raise ValueError(
+            raise ArgumentError(
                 f"question {self.id!r} is already the {self.format!r} variant; render formats "
                 "from the plain question."
             )
@@ -510,7 +512,7 @@ def load_questions(
         }
         if suffix not in readers:
             if not path.exists():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{source!r} is neither a bundled set ({', '.join(BUNDLED_SETS)}) nor an "
                     "existing file. Pass a set name or a .yaml/.csv/.jsonl path."
                 )
@@ -526,7 +528,7 @@ def load_questions(
             elif isinstance(item, str):
                 qs.append(Question(id=f"q{i}", paraphrases=(item,)))
             else:
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"question {i} is a {type(item).__name__}; pass strings or Question objects."
                 )
         _check_unique(qs, "the given questions")
@@ -534,7 +536,7 @@ def load_questions(
         wanted = {category} if isinstance(category, str) else set(category)
         known = {q.category for q in qs}
         if not wanted & known:
-            raise ValueError(
+            raise ArgumentError(
                 f"no questions in categories {sorted(wanted)}; available: {sorted(known)}."
             )
         qs = [q for q in qs if q.category in wanted]
@@ -548,7 +550,7 @@ def _formats(format: str | Sequence[str]) -> tuple[str, ...]:
     chosen = FORMATS if format == "all" else (format,) if isinstance(format, str) else tuple(format)
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
-        raise ValueError(
+        raise ArgumentError(
             f"unknown question format(s) {unknown or chosen!r}; use {', '.join(FORMATS)}, a list of "
             "them, or 'all'."
         )
@@ -563,7 +565,7 @@ def _bundled() -> list[Question]:
 def _read_text(source: str | Path) -> str:
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"question file {path} does not exist; check the path.")
+        raise MissingFileError(f"question file {path} does not exist; check the path.")
     return path.read_text(encoding="utf-8")
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_json_atomic
+from ..errors import ArgumentError, ArgumentTypeError
 from .answers import Answer, generate_answers
 from .calibration import Calibration
 from .judges import Judge, JudgeError, Judgment, judge_stamp, prompt_hash, stamp_differences
@@ -55,7 +56,7 @@ def wilson_interval(k: int, n: int, *, z: float = 1.959964) -> tuple[float, floa
         (0.0, 0.2775)
     """
     if n < 0 or k < 0 or k > n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+        raise ArgumentError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return 0.0, 1.0
     p = k / n
@@ -281,12 +282,12 @@ class EvalResult:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvalResult:
         if d.get("format") != "modeldiff.EvalResult":
-            raise ValueError(
+            raise ArgumentError(
                 "this JSON is not a saved EvalResult (no 'format: modeldiff.EvalResult'); "
                 "load files written by EvalResult.save."
             )
         if d.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(
+            raise ArgumentError(
                 f"saved with a newer EvalResult format (version {d['version']}); upgrade modeldiff."
             )
         return cls(
@@ -427,7 +428,7 @@ def evaluate(
         (0.0, 0.0)
     """
     if not hasattr(judge, "judge"):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"judge must have a .judge(pairs) method (HTTPJudge, LocalJudge, ...); got {judge!r}"
         )
     rounds = _resample_rounds(judge, resample, model)
@@ -439,7 +440,7 @@ def evaluate(
     cal = _calibrate(judge, calibration, aligned_below, coherent_above, progress)
     if answers is None:
         if model is None:
-            raise ValueError("evaluate needs a model to sample answers from, or answers=[...].")
+            raise ArgumentError("evaluate needs a model to sample answers from, or answers=[...].")
         answers = generate_answers(
             model,
             qs,
@@ -451,7 +452,7 @@ def evaluate(
             progress=progress,
         )
     if not answers:
-        raise ValueError("there are no answers to judge")
+        raise ArgumentError("there are no answers to judge")
     # Questions that bring their own judge prompts (the YAML `judge_prompts` key) are judged with
     # them, when the judge can take replacement prompts; the rest with the judge's defaults.
     own = {q.id: dict(q.judge_prompts) for q in qs if q.judge_prompts and question_prompts}
@@ -521,9 +522,9 @@ def _resample_rounds(judge: Any, resample: int | None, model: Any) -> int:
     if resample is None:
         return DEFAULT_RESAMPLES if getattr(judge, "scoring", None) == "rubric" and model else 0
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 0:
-        raise ValueError(f"resample must be a whole number >= 0 (or None), got {resample!r}")
+        raise ArgumentError(f"resample must be a whole number >= 0 (or None), got {resample!r}")
     if resample and model is None:
-        raise ValueError(
+        raise ArgumentError(
             "resample > 0 needs the model to sample new answers from; pass the model, or "
             "resample=0 to judge the given answers as they are."
         )
@@ -560,7 +561,7 @@ def _calibrate(
     elif calibration == "off":
         return None
     else:
-        raise ValueError(
+        raise ArgumentError(
             f"calibration must be 'warn', 'refuse', 'off' or a Calibration; got {calibration!r}"
         )
     if not cal.passed:
