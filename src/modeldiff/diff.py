@@ -47,6 +47,8 @@ from .errors import (
     OutOfRangeError,
     reading,
 )
+from .rankings import RANKINGS as _RANKINGS
+from .rankings import compute_ranking
 from .saes import SAEError, check_sae, load_sae, sae_fingerprint, sae_identity
 from .sites import Site, as_sites
 from .stats import SiteStats, VectorStats, benjamini_hochberg, paired_uncertainty
@@ -63,8 +65,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-# What a LatentDiff can be ranked by; each is "larger = moved up more in the fine-tune".
-RANKINGS = ("delta", "delta_freq", "effect_size", "relative_change", "cosine")
+# What a LatentDiff can be ranked by: the registry of modeldiff.rankings (a live dict).
+RANKINGS = _RANKINGS
 _COLUMNS = (
     "mean_base",
     "mean_finetuned",
@@ -184,18 +186,46 @@ class LatentDiff:
         direction_index: Tensor | None = None,
         resid_delta: Tensor | None = None,
         stats: tuple[SiteStats, SiteStats] | None = None,
+        absent: tuple[str, ...] = (),
     ) -> None:
-        if rank_by not in RANKINGS:
+        columns = {k: v for k, v in columns.items() if k not in absent}
+        if not {"delta", "mean_base", "mean_finetuned"} <= set(columns):
+            raise ArgumentError(
+                "a LatentDiff needs at least the columns mean_base, mean_finetuned and delta"
+            )
+        d_sae = int(columns["delta"].numel())
+        # Columns a file saved by an earlier version lacks: computed from the statistics where
+        # they were kept, otherwise marked absent (NaN, or -1 for locations).
+        absent = []
+        for name in (*_COLUMNS, *(r for r in RANKINGS if r not in _COLUMNS)):
+            if name in columns:
+                continue
+            if stats is not None and name in RANKINGS:
+                col = compute_ranking(name, stats, None)
+                if not bool(col.isnan().all()):
+                    columns[name] = col
+                    continue
+            columns[name] = torch.full((d_sae,), math.nan, dtype=torch.float64)
+            absent.append(name)
+        for name in _INT_COLUMNS:
+            if name not in columns:
+                columns[name] = torch.full((d_sae,), -1, dtype=torch.long)
+                absent.append(name)
+        if rank_by not in columns:
             raise ArgumentError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANKINGS)}")
-        missing = [c for c in (*_COLUMNS, *_INT_COLUMNS) if c not in columns]
-        if missing:
-            raise ArgumentError(f"LatentDiff is missing columns {missing}")
+        if rank_by in absent:
+            present = [c for c in RANKINGS if c in columns and c not in absent]
+            raise ArgumentError(
+                f"this diff has no {rank_by!r} scores (its file was saved before that ranking "
+                "existed, without statistics); recompute the diff, or rank by one of: "
+                f"{', '.join(present)}"
+            )
         names = [*_COLUMNS, *_INT_COLUMNS, *sorted(set(columns) - {*_COLUMNS, *_INT_COLUMNS})]
         self._cols = {k: columns[k].detach().cpu() for k in names}
+        self._absent = tuple(absent)
         self._site = site
         self._rank_by = rank_by
         self._meta = dict(meta or {})
-        d_sae = int(self._cols["delta"].numel())
         self._d_sae = d_sae
         # Decoder rows: either all of W_dec (index None) or some rows with their latent indices.
         self._directions = directions.detach() if directions is not None else None
@@ -370,7 +400,14 @@ class LatentDiff:
             direction_index=self._direction_index,
             resid_delta=self._resid_delta,
             stats=self._stats,
+            absent=self._absent,
         )
+
+    @property
+    def absent(self) -> tuple[str, ...]:
+        """Columns this diff lacks (saved by an earlier version without the statistics to
+        compute them); they read as NaN and cannot be ranked by."""
+        return self._absent
 
     def significant(self, q: float = 0.05) -> list[LatentRecord]:
         """Records with q-value below ``q``, in rank order."""
@@ -416,6 +453,7 @@ class LatentDiff:
             direction_index=None,
             resid_delta=self._resid_delta,
             stats=self._stats,
+            absent=self._absent,
         )
 
     def _direction_row(self, i: int) -> Tensor | None:
@@ -512,37 +550,18 @@ class LatentDiff:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        delta = lf.sum / lf.count - lb.sum / lb.count
-        vb, vf = lb.var, lf.var
-        sd = ((vb + vf) / 2).sqrt()
-        effect = torch.where(
-            sd > 0, delta / sd.clamp_min(1e-300), torch.sign(delta) * math.inf
-        ).nan_to_num(nan=0.0)
-        effect = torch.where(delta == 0, 0.0, effect)
-        rel = torch.where(mb != 0, delta / mb.abs().clamp_min(1e-300), torch.sign(delta) * math.inf)
-        rel = torch.where(delta == 0, 0.0, rel)
         resid_delta = finetuned.resid.mean - base.resid.mean
-        cosine = torch.full((d_sae,), math.nan, dtype=torch.float64)
-        if sae is not None:
-            w = sae.W_dec.detach().to("cpu", torch.float64)
-            norm = resid_delta.norm()
-            cosine = (
-                torch.zeros(d_sae, dtype=torch.float64)
-                if norm == 0
-                else (w @ resid_delta) / (w.norm(dim=1).clamp_min(1e-300) * norm)
-            )
+        # every registered ranking is a column (the built-ins: modeldiff.rankings)
+        ranked = {name: compute_ranking(name, (base, finetuned), sae) for name in RANKINGS}
+        delta = ranked["delta"]
         cols: dict[str, Tensor] = {
             "mean_base": mb,
             "mean_finetuned": mf,
-            "delta": delta,
-            "var_base": vb,
-            "var_finetuned": vf,
+            "var_base": lb.var,
+            "var_finetuned": lf.var,
             "freq_base": lb.freq,
             "freq_finetuned": lf.freq,
-            "delta_freq": lf.freq - lb.freq,
-            "effect_size": effect,
-            "relative_change": rel,
-            "cosine": cosine,
+            **ranked,
             "max_base": lb.max.clone(),
             "max_finetuned": lf.max.clone(),
             "max_base_prompt": lb.max_prompt,
@@ -661,6 +680,7 @@ class LatentDiff:
             "site": self._site.hook_name,
             "rank_by": self._rank_by,
             "meta": self._meta,
+            "absent": list(self._absent),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"modeldiff": json.dumps(header)})
@@ -710,6 +730,7 @@ class LatentDiff:
             direction_index=tensors.get("directions.index"),
             resid_delta=tensors.get("resid_delta"),
             stats=stats,  # type: ignore[arg-type]
+            absent=tuple(header.get("absent", ())),
         )
 
     # -- display ---------------------------------------------------------------------------------
@@ -1199,9 +1220,10 @@ def diff_latents(
                 )
             xb, xf, pi, pos = bb.acts[site], bf.acts[site], bb.prompt_index, bb.position
             if outlier_factor is not None:
-                # a token that is an outlier in either model leaves both (the pairing stays)
-                keep = (bb.norm_ratio[site] <= outlier_factor) & (
-                    bf.norm_ratio[site] <= outlier_factor
+                # a token that is an outlier in either model leaves both (the pairing stays);
+                # a NaN norm is not an outlier: it stays, and the statistics flag it
+                keep = ~(
+                    (bb.norm_ratio[site] > outlier_factor) | (bf.norm_ratio[site] > outlier_factor)
                 )
                 if not bool(keep.all()):
                     n_outliers += int((~keep).sum())
@@ -1212,6 +1234,12 @@ def diff_latents(
                 _encode_into(stats_f, sae, xf, pi, pos)
             del bb, bf, xb, xf
             bar.update()
+    if stats_b.latents.count == 0 and n_outliers:
+        raise ArgumentError(
+            f"every selected token ({n_outliers}) was dropped as an outlier (norm above "
+            f"{outlier_factor}x its prompt's median); pass a larger outlier_factor, or None to "
+            "keep them"
+        )
     meta = {
         "positions": positions if isinstance(positions, str) else "explicit",
         "include_bos": include_bos,

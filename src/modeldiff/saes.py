@@ -403,7 +403,7 @@ def sae_d_in(sae: Any) -> int:
     if d_in is None:
         w = getattr(sae, "W_dec", None)
         if w is None:
-            raise DirectionError(
+            raise SAEError(
                 f"{type(sae).__name__} does not look like an SAE: it has neither cfg.d_in nor W_dec. "
                 "Pass an sae-lens SAE (modeldiff.load_sae) or a plain vector."
             )
