@@ -520,7 +520,8 @@ def evaluate(
 
 def _resample_rounds(judge: Any, resample: int | None, model: Any) -> int:
     if resample is None:
-        return DEFAULT_RESAMPLES if getattr(judge, "scoring", None) == "rubric" and model else 0
+        rubric = getattr(judge, "scoring", None) == "rubric"
+        return DEFAULT_RESAMPLES if rubric and model is not None else 0
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 0:
         raise ArgumentError(f"resample must be a whole number >= 0 (or None), got {resample!r}")
     if resample and model is None:
