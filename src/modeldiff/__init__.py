@@ -22,6 +22,8 @@ from .capture import CaptureBatch, capture, collect
 # Model diffing
 from .stats import SiteStats
 from .diff import LatentDiff, LatentRecord, ResidualDiff, diff_latents, diff_residuals
+from .rankings import register_ranking
+from .attribution import attribution_diff
 from .memory import limit_heap_growth
 
 # Interventions and generation
@@ -83,6 +85,7 @@ __all__ = [
     "TokenizedPrompt",
     "__version__",
     "ablate",
+    "attribution_diff",
     "capture",
     "check_compatible",
     "collect",
@@ -100,6 +103,7 @@ __all__ = [
     "median_residual_norm",
     "model_kind",
     "project_out",
+    "register_ranking",
     "resolve_direction",
     "screen_latents",
     "steer",

@@ -360,7 +360,7 @@ class LatentDiff:
             site=self._site,
             rank=rank,
             rank_from_bottom=rank - self._n_ranked - 1 if rank else 0,
-            values={k: float(c[k][i]) for k in _COLUMNS},
+            values={k: float(v[i]) for k, v in c.items() if k not in _INT_COLUMNS},
             max_base_at=(int(c["max_base_prompt"][i]), int(c["max_base_position"][i])),
             max_finetuned_at=(int(c["max_ft_prompt"][i]), int(c["max_ft_position"][i])),
             direction=self._direction_row(i),
@@ -495,6 +495,8 @@ class LatentDiff:
         confidence: float = 0.95,
         seed: int = 0,
         meta: dict[str, Any] | None = None,
+        paired: bool = True,
+        extra_columns: dict[str, Tensor] | None = None,
     ) -> LatentDiff:
         """Rank latents from the two models' statistics (e.g. merged shards).
 
@@ -509,9 +511,13 @@ class LatentDiff:
             test: ``"permutation"`` (sign-flip, default) or ``"t"`` (paired t).
             n_bootstrap, n_permutations, confidence, seed: see
                 :func:`modeldiff.stats.paired_uncertainty`.
+            paired: whether both statistics cover the same tokens (two models on one token set,
+                the default); ``False`` for two token sets of one model (then ``uncertainty``
+                must be ``None``).
+            extra_columns: further per-latent columns (e.g. ``attribution``), rankable by name.
         """
         check_diff_options(
-            rank_by=rank_by,
+            rank_by="delta" if rank_by in (extra_columns or {}) else rank_by,
             uncertainty=uncertainty,
             test=test,
             n_bootstrap=n_bootstrap,
@@ -524,13 +530,18 @@ class LatentDiff:
             raise ArgumentError(
                 f"base has {lb.d_sae} latents, fine-tuned {lf.d_sae}: not the same SAE"
             )
-        if lb.count != lf.count or not torch.equal(lb.prompt_count, lf.prompt_count):
+        if not paired and uncertainty is not None:
+            raise ArgumentError(
+                "unpaired statistics (two different token sets) have no prompt-level pairing for "
+                "the intervals and tests; pass uncertainty=None"
+            )
+        if paired and (lb.count != lf.count or not torch.equal(lb.prompt_count, lf.prompt_count)):
             raise ArgumentError(
                 f"base and fine-tuned statistics cover different tokens ({lb.count} vs {lf.count} "
                 "tokens, or different tokens per prompt); both models must see the same prompts "
                 "and positions (same tokenizer, same positions= selection)"
             )
-        if lb.count == 0:
+        if lb.count == 0 or lf.count == 0:
             raise ArgumentError("no tokens were selected; check positions= and the prompts")
         d_sae = lb.d_sae
         mb, mf = lb.mean, lf.mean
@@ -611,6 +622,8 @@ class LatentDiff:
             has_p = ~p.isnan()
             q[has_p] = benjamini_hochberg(p[has_p])
         cols.update({"ci_low": ci_lo, "ci_high": ci_hi, "p_value": p, "q_value": q})
+        for name, col in (extra_columns or {}).items():
+            cols[name] = torch.as_tensor(col, dtype=torch.float64).reshape(d_sae)
         info = dict(meta or {})
         info.update(
             {
