@@ -142,3 +142,43 @@ def test_files_saved_before_a_column_existed_still_load(setup, tmp_path):
         bare.ranked_by("effect_size")
     again = LatentDiff.load(bare.save(tmp_path / "c.safetensors"))
     assert set(again.absent) == {*old}
+
+
+def test_best_site_names_where_the_shift_enters_not_the_deepest_layer():
+    from modeldiff import ResidualDiff
+
+    sites = [Site.resid_post(i) for i in range(4)]
+    rel = dict(zip(sites, [0.05, 0.45, 0.55, 0.62]))  # layer 1 adds the change; later ones carry it
+    r = ResidualDiff(
+        delta={s: torch.zeros(2) for s in sites},
+        norm={s: 10 * v for s, v in rel.items()},
+        relative=rel,
+        n_tokens=8,
+    )
+    assert r.best_site() == Site.resid_post(1)
+    assert r.best_site("relative") == Site.resid_post(3)
+    with pytest.raises(ArgumentError, match=r"unknown rule 'deepest'"):
+        r.best_site("deepest")
+
+
+def test_names_and_bounds_are_the_same_in_every_view(setup):
+    *_, d = setup
+    n = len(d.order)
+    last = d.at_rank(-1)
+    assert (
+        last.name == "#-1"
+        and d.at_rank(1).name == "#1"
+        and d.at_rank(n // 2 + 1).name.startswith("#-")
+    )
+    fig = d.plot(3)
+    bars = fig.data[-1].x
+    assert f"#-1 ({last.latent})" in bars and "#1" in bars[0]
+    html = d._repr_html_(3)
+    assert ">#-1<" in html and ">#1<" in html
+    floor = d.meta["p_floor"]
+    at_floor = [i for i in range(d.d_sae) if d.p_value[i] <= floor * (1 + 1e-9)]
+    assert floor > 0 and at_floor  # 4 prompts: exact sign flips, smallest p = 2 / 2^4
+    assert floor == pytest.approx(2 / 2**4)
+    assert d.format_p(at_floor[0]).startswith("≤ ")
+    above = [i for i in range(d.d_sae) if d.p_value[i] > floor * 1.01]
+    assert above and not d.format_p(above[0]).startswith("≤")

@@ -126,6 +126,22 @@ class LatentRecord:
             return values[name]
         raise AttributeError(f"LatentRecord has no field {name!r}; fields: {', '.join(values)}")
 
+    @property
+    def name(self) -> str:
+        """The paper's name for the latent: ``#k`` in the upper half of the ranking, ``#-k`` in
+        the lower half (``#-1`` is the largest fall); the same in every table and figure.
+
+        Example:
+            >>> r = LatentRecord(latent=7, site=Site.resid_post(0), rank=99, rank_from_bottom=-2)
+            >>> r.name
+            '#-2'
+        """
+        if self.rank == 0:
+            return "unranked"
+        if self.rank <= -self.rank_from_bottom:
+            return f"#{self.rank}"
+        return f"#{self.rank_from_bottom}"
+
     def as_direction(self) -> Float[Tensor, " d_model"]:
         """The latent's decoder row ``W_dec[latent]`` (a copy)."""
         if self.direction is None:
@@ -142,6 +158,7 @@ class LatentRecord:
             "site": self.site.hook_name,
             "rank": self.rank,
             "rank_from_bottom": self.rank_from_bottom,
+            "name": self.name,
         }
         out.update(self.values)
         out["max_base_at"] = list(self.max_base_at)
@@ -582,7 +599,7 @@ class LatentDiff:
         }
         nan = torch.full((d_sae,), math.nan, dtype=torch.float64)
         ci_lo, ci_hi, p, q = nan.clone(), nan.clone(), nan.clone(), nan.clone()
-        method = None
+        method, p_floor = None, 0.0
         if uncertainty is not None:
             active = (lb.fire + lf.fire) > 0
             if uncertainty == "all":
@@ -615,7 +632,7 @@ class LatentDiff:
                     seed=seed,
                 )
                 ci_lo[idx], ci_hi[idx], p[idx] = r.ci_low, r.ci_high, r.p_value
-                method = r.method
+                method, p_floor = r.method, r.p_floor
             if method is None:
                 method = "none tested (no latent fired)"
             # BH over every latent with a p-value (never-fired latents have p = 1).
@@ -631,6 +648,7 @@ class LatentDiff:
                 "n_prompts_with_tokens": int((lb.prompt_count > 0).sum()),
                 "uncertainty": uncertainty,
                 "test": method,
+                "p_floor": p_floor,
                 "n_bootstrap": n_bootstrap,
                 "n_permutations": n_permutations,
                 "confidence": confidence,
@@ -753,6 +771,26 @@ class LatentDiff:
             f"{self._meta.get('n_tokens', '?')} tokens)"
         )
 
+    def _name(self, i: int) -> str:
+        rank = int(self._rank[i])
+        if rank == 0:
+            return "unranked"
+        below = rank - self._n_ranked - 1
+        return f"#{rank}" if rank <= -below else f"#{below}"
+
+    def format_p(self, latent: int, column: str = "q_value") -> str:
+        """A latent's p- or q-value as text: ``"≤ 0.0001"`` where its p-value is at the test's
+        floor (the smallest p the permutation test can give), so a bound never reads as an
+        estimate; ``"n/a"`` where none was computed."""
+        i = self._check_latent(latent)
+        value, p = float(self._cols[column][i]), float(self._cols["p_value"][i])
+        if math.isnan(value):
+            return "n/a"
+        floor = float(self._meta.get("p_floor") or 0.0)
+        if floor > 0 and p <= floor * (1 + 1e-9):
+            return f"≤ {value:.2g}"
+        return f"{value:.2g}"
+
     def _repr_html_(self, k: int = 10) -> str:
         head = ("rank", "latent", "Δ", "CI", "q", "base", "fine-tuned", "freq b→f", "cos")
         rows = []
@@ -760,11 +798,11 @@ class LatentDiff:
             v = r.values
             rows.append(
                 (
-                    f"#{r.rank}" if r.rank <= k else f"#{r.rank_from_bottom}",
+                    r.name,
                     str(r.latent),
                     f"{v['delta']:+.4g}",
                     f"[{v['ci_low']:.3g}, {v['ci_high']:.3g}]",
-                    f"{v['q_value']:.2g}",
+                    self.format_p(r.latent),
                     f"{v['mean_base']:.4g}",
                     f"{v['mean_finetuned']:.4g}",
                     f"{v['freq_base']:.2f}→{v['freq_finetuned']:.2f}",
@@ -810,7 +848,7 @@ class LatentDiff:
                 y=c["mean_finetuned"][active].tolist(),
                 mode="markers",
                 marker={"size": 4, "color": "lightgray"},
-                text=[f"latent {i} (#{int(self._rank[i])})" for i in active.tolist()],
+                text=[f"latent {i} ({self._name(i)})" for i in active.tolist()],
                 name="latents",
             ),
             row=1,
@@ -849,7 +887,7 @@ class LatentDiff:
         up = [float(c["ci_high"][i]) for i in marked]
         fig.add_trace(
             go.Bar(
-                x=[f"#{int(self._rank[i])} ({i})" for i in marked],
+                x=[f"{self._name(i)} ({i})" for i in marked],
                 y=d,
                 error_y={
                     "type": "data",
@@ -866,7 +904,9 @@ class LatentDiff:
         fig.update_xaxes(title_text="base", row=1, col=1)
         fig.update_yaxes(title_text="fine-tuned", row=1, col=1)
         fig.update_yaxes(title_text="Δ mean (fine-tuned − base)", row=1, col=2)
-        fig.update_layout(title=repr(self), showlegend=False)
+        fig.update_layout(
+            title=f"Latent shifts at {self._site.hook_name} ({self._rank_by})", showlegend=False
+        )
         return fig
 
 
@@ -1302,9 +1342,24 @@ class ResidualDiff:
     relative: dict[Site, float]
     n_tokens: int
 
-    def best_site(self, *, relative: bool = True) -> Site:
-        """The site where the fine-tune moved the residual most (relative norm by default)."""
-        table = self.relative if relative else self.norm
+    def best_site(self, rule: str = "jump") -> Site:
+        """The site to diff at, by ``rule``.
+
+        ``"jump"`` (default): where the relative shift grows most over the site before it, i.e.
+        the layer that adds the most of the fine-tune's change to the stream. The shift a layer
+        adds is carried by every later layer, so the relative shift mostly grows with depth and its
+        maximum sits at (or near) the last layer whatever the fine-tune did; the jump says where the
+        change enters. ``"relative"``: the largest relative shift (the old rule). ``"norm"``: the
+        largest absolute shift (not comparable across layers whose residual norms differ).
+        """
+        if rule == "jump":
+            sites = sorted(self.relative)
+            prev = [0.0, *(self.relative[s] for s in sites[:-1])]
+            jumps = {s: self.relative[s] - p for s, p in zip(sites, prev)}
+            return max(jumps, key=lambda s: jumps[s])
+        if rule not in ("relative", "norm"):
+            raise ArgumentError(f"unknown rule {rule!r}; use 'jump', 'relative' or 'norm'")
+        table = self.relative if rule == "relative" else self.norm
         return max(table, key=lambda s: table[s])
 
     def to_records(self) -> list[dict[str, Any]]:

@@ -102,7 +102,15 @@ def _top_latents(data: dict[str, Any], diff: Any) -> str | None:
     marked = data.get("persona_latent")
     cols = [
         c
-        for c in ("rank", "latent", "delta", "mean_base", "mean_finetuned", "ci_low", "ci_high")
+        for c in (
+            "name" if "name" in records[0] else "rank",
+            "latent",
+            "delta",
+            "mean_base",
+            "mean_finetuned",
+            "ci_low",
+            "ci_high",
+        )
         if c in records[0]
     ]
     head = "".join(f"<th>{_esc(c)}</th>" for c in cols)

@@ -584,6 +584,9 @@ class PairedResult:
     ci_high: Float[Tensor, " k"]
     p_value: Float[Tensor, " k"]
     method: str
+    #: the smallest p-value the test can give (2 / 2^P exact, 1 / (1 + n) Monte Carlo, 0 for t):
+    #: a p-value at it is a bound, "p <= p_floor", not an estimate
+    p_floor: float = 0.0
 
 
 def paired_uncertainty(
@@ -682,6 +685,7 @@ def paired_uncertainty(
                 null = (signs @ d[:, j : j + cols]).abs() / total
                 hits[j : j + cols] += (null >= thresh[j : j + cols]).sum(0).double()
         p = hits / n_draws if exact else (hits + 1) / (n_draws + 1)
+        floor = min(1.0, 2.0 / n_draws) if exact else 1.0 / (n_draws + 1)
         method = f"sign-flip permutation ({'exact' if exact else n_draws}, {n_p} prompts)"
     elif test == "t":
         try:
@@ -698,4 +702,5 @@ def paired_uncertainty(
         p = torch.as_tensor(p_np, dtype=torch.float64)
         p = torch.where(sd > 0, p, torch.where(mean == 0, 1.0, 0.0))
         method = f"paired t ({n_p} prompts)"
-    return PairedResult(ci_low=lo, ci_high=hi, p_value=p, method=method)
+        floor = 0.0
+    return PairedResult(ci_low=lo, ci_high=hi, p_value=p, method=method, p_floor=floor)
