@@ -182,3 +182,30 @@ def test_names_and_bounds_are_the_same_in_every_view(setup):
     assert d.format_p(at_floor[0]).startswith("≤ ")
     above = [i for i in range(d.d_sae) if d.p_value[i] > floor * 1.01]
     assert above and not d.format_p(above[0]).startswith("≤")
+
+
+def test_option_groups_equal_the_flat_keywords(setup):
+    from modeldiff import TokenSelection, Uncertainty
+
+    base, tuned, sae, _ = setup
+    flat = diff_latents(
+        base, tuned, sae, PROMPTS, positions="all", n_bootstrap=200, test="t", progress=False
+    )
+    grouped = diff_latents(
+        base,
+        tuned,
+        sae,
+        PROMPTS,
+        tokens=TokenSelection(positions="all"),
+        uncertainty=Uncertainty(n_bootstrap=200, test="t"),
+        progress=False,
+    )
+    for c in ("delta", "ci_low", "ci_high", "p_value"):
+        torch.testing.assert_close(flat.column(c), grouped.column(c), equal_nan=True)
+    assert grouped.meta["test"].startswith("paired t") and grouped.meta["n_bootstrap"] == 200
+    with pytest.raises(
+        ArgumentError, match=r"positions='user' and TokenSelection\(positions='all'\) disagree"
+    ):
+        diff_latents(
+            base, tuned, sae, PROMPTS, positions="user", tokens=TokenSelection(positions="all")
+        )

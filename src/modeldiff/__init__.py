@@ -23,6 +23,7 @@ from .capture import CaptureBatch, capture, collect
 from .stats import SiteStats
 from .diff import LatentDiff, LatentRecord, ResidualDiff, diff_latents, diff_residuals
 from .rankings import register_ranking
+from .config import TokenSelection, Uncertainty
 from .attribution import attribution_diff
 from .memory import limit_heap_growth
 
@@ -82,7 +83,9 @@ __all__ = [
     "limit_heap_growth",
     "Steer",
     "SweepResult",
+    "TokenSelection",
     "TokenizedPrompt",
+    "Uncertainty",
     "__version__",
     "ablate",
     "attribution_diff",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -89,7 +89,7 @@ def capture(
     include_bos: bool = False,
     prepend_bos: bool | None = None,
     truncate: bool = False,
-    padding_side: str = "right",
+    padding_side: Literal["right", "left"] = "right",
     sort_by_length: bool = True,
     tokenized: Sequence[TokenizedPrompt] | None = None,
     progress: bool = True,

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ._io import atomic_path
 from .adapters import adapter_for
 from .capture import capture, plan_batches
+from .config import TestName, TokenSelection, Uncertainty, unpack
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -506,7 +507,7 @@ class LatentDiff:
         sae: Any | None = None,
         rank_by: str = "delta",
         uncertainty: str | int | None = "all",
-        test: str = "permutation",
+        test: TestName = "permutation",
         n_bootstrap: int = 1000,
         n_permutations: int = 10_000,
         confidence: float = 0.95,
@@ -992,7 +993,7 @@ def check_diff_options(
     *,
     rank_by: str = "delta",
     uncertainty: Any = "all",
-    test: str = "permutation",
+    test: TestName = "permutation",
     n_bootstrap: int = 1000,
     n_permutations: int = 10_000,
     confidence: float = 0.95,
@@ -1079,7 +1080,7 @@ def collect_site_stats(
     include_bos: bool = False,
     prepend_bos: bool | None = None,
     truncate: bool = False,
-    padding_side: str = "right",
+    padding_side: Literal["right", "left"] = "right",
     prompt_offset: int = 0,
     tokenizer_model: Any | None = None,
     convert_sae: bool = False,
@@ -1161,17 +1162,18 @@ def diff_latents(
     include_bos: bool = False,
     prepend_bos: bool | None = None,
     truncate: bool = False,
-    padding_side: str = "right",
+    padding_side: Literal["right", "left"] = "right",
     outlier_factor: float | None = 10.0,
     convert_sae: bool = False,
     rank_by: str = "delta",
     uncertainty: str | int | None = "all",
-    test: str = "permutation",
+    test: TestName = "permutation",
     n_bootstrap: int = 1000,
     n_permutations: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
     progress: bool = True,
+    tokens: TokenSelection | None = None,
 ) -> LatentDiff:
     """Rank SAE latents by how much their mean activation moved from ``base`` to ``finetuned``.
 
@@ -1198,6 +1200,10 @@ def diff_latents(
         uncertainty, test, n_bootstrap, n_permutations, confidence, seed: prompt-level CIs and
             p-values (see :meth:`LatentDiff.from_stats`).
         progress: show a progress bar.
+        tokens: a :class:`~modeldiff.config.TokenSelection` instead of ``positions``,
+            ``include_bos``, ``outlier_factor``, ``prepend_bos`` and ``truncate``; likewise
+            ``uncertainty`` may be an :class:`~modeldiff.config.Uncertainty` standing for
+            ``uncertainty``, ``test``, ``n_bootstrap``, ``n_permutations``, ``confidence``, ``seed``.
 
     Raises:
         SAEError: SAE ``d_in`` ≠ ``d_model``, dtype/device mismatch, BatchTopK encoder.
@@ -1214,6 +1220,38 @@ def diff_latents(
         >>> d.top(1)[0].rank, d.at_rank(-1).rank_from_bottom
         (1, -1)
     """
+    flat = unpack(
+        tokens,
+        TokenSelection,
+        {
+            "positions": positions,
+            "include_bos": include_bos,
+            "outlier_factor": outlier_factor,
+            "prepend_bos": prepend_bos,
+            "truncate": truncate,
+        },
+    )
+    positions, include_bos, outlier_factor = (
+        flat["positions"],
+        flat["include_bos"],
+        flat["outlier_factor"],
+    )
+    prepend_bos, truncate = flat["prepend_bos"], flat["truncate"]
+    if isinstance(uncertainty, Uncertainty):
+        u = unpack(
+            uncertainty,
+            Uncertainty,
+            {
+                "test": test,
+                "n_bootstrap": n_bootstrap,
+                "n_permutations": n_permutations,
+                "confidence": confidence,
+                "seed": seed,
+            },
+            rename={"latents": "uncertainty"},
+        )
+        uncertainty, test, n_bootstrap = u["uncertainty"], u["test"], u["n_bootstrap"]
+        n_permutations, confidence, seed = u["n_permutations"], u["confidence"], u["seed"]
     check_diff_options(
         rank_by=rank_by,
         uncertainty=uncertainty,
