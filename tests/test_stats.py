@@ -276,3 +276,22 @@ def test_prompt_counts_grow_in_place_without_exposing_spare_capacity():
     max_before = s.max
     s.update(torch.full((1, 4), 9.0), prompt_index=torch.tensor([0]), position=torch.tensor([7]))
     assert s.max is max_before and bool((s.max == 9.0).all())  # folded in place
+
+
+def test_every_statistic_is_a_stat_that_rebuilds_from_its_state_dict():
+    from modeldiff.stats import Stat, stat_from_state_dict
+
+    acts, x = torch.rand(6, 5), torch.randn(6, 3)
+    pi, pos = torch.tensor([0, 0, 1, 1, 2, 2]), torch.arange(6)
+    site = SiteStats(5, 3)
+    site.update(acts, x, prompt_index=pi, position=pos)
+    for st in (site, site.latents, site.resid):
+        assert isinstance(st, Stat)
+        again = stat_from_state_dict(st.state_dict())
+        assert type(again) is type(st)
+        for k, v in st.state_dict().items():
+            assert torch.equal(again.state_dict()[k], v), k
+    old = {k: v for k, v in site.state_dict().items() if k != "stat.kind"}
+    with pytest.raises(ValueError, match=r"no 'stat.kind' entry.*SiteStats.from_state_dict"):
+        stat_from_state_dict(old)
+    assert SiteStats.from_state_dict(old).latents.count == 6  # files from before the tags load

@@ -52,8 +52,9 @@ from .rankings import RANKINGS as _RANKINGS
 from .rankings import compute_ranking
 from .saes import SAEError, check_sae, load_sae, sae_fingerprint, sae_identity
 from .sites import Site, as_sites
-from .stats import SiteStats, VectorStats, benjamini_hochberg, paired_uncertainty
+from .stats import SiteStats, VectorStats
 from .tokens import Positions, Prompt, select_positions, tokenize_prompts
+from .uncertainty import benjamini_hochberg, paired_uncertainty
 
 __all__ = [
     "RANKINGS",

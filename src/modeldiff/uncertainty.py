@@ -1,0 +1,179 @@
+"""Prompt-level uncertainty for a diff: paired bootstrap intervals, sign-flip and paired-t tests,
+Benjamini–Hochberg q-values.
+
+The same prompts go through both models, so prompts are the resampling unit (tokens of one prompt
+are not independent), and every statistic is the token-weighted Δ mean the ranking uses.
+
+Example:
+    >>> import torch
+    >>> benjamini_hochberg(torch.tensor([0.01, 0.04, 0.03], dtype=torch.float64)).tolist()
+    [0.03, 0.04, 0.04]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .errors import ArgumentError, MissingDependencyError
+
+__all__ = ["PairedResult", "benjamini_hochberg", "paired_uncertainty"]
+
+
+# -- paired uncertainty over prompts -------------------------------------------------------------
+
+
+def benjamini_hochberg(p: Float[Tensor, " m"]) -> Float[Tensor, " m"]:
+    """Benjamini–Hochberg q-values (false discovery rate) for p-values ``p``, in their order.
+
+    Example:
+        >>> import torch
+        >>> q = benjamini_hochberg(torch.tensor([0.01, 0.04, 0.03, 0.5], dtype=torch.float64))
+        >>> [round(x, 4) for x in q.tolist()]
+        [0.04, 0.0533, 0.0533, 0.5]
+    """
+    p = torch.as_tensor(p, dtype=torch.float64)
+    m = p.numel()
+    if m == 0:
+        return p.clone()
+    order = torch.argsort(p)
+    ranked = p[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
+    # q_(i) = min over j >= i of p_(j) m / j
+    ranked = torch.flip(torch.cummin(torch.flip(ranked, [0]), 0).values, [0]).clamp(max=1.0)
+    q = torch.empty_like(p)
+    q[order] = ranked
+    return q
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """Prompt-level uncertainty for a set of latents (see :func:`paired_uncertainty`)."""
+
+    ci_low: Float[Tensor, " k"]
+    ci_high: Float[Tensor, " k"]
+    p_value: Float[Tensor, " k"]
+    method: str
+    #: the smallest p-value the test can give (2 / 2^P exact, 1 / (1 + n) Monte Carlo, 0 for t):
+    #: a p-value at it is a bound, "p <= p_floor", not an estimate
+    p_floor: float = 0.0
+
+
+def paired_uncertainty(
+    diff_sums: Float[Tensor, "n_prompts k"],
+    counts: Int[Tensor, " n_prompts"],
+    *,
+    test: str = "permutation",
+    n_bootstrap: int = 1000,
+    n_permutations: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    chunk: int = 4096,
+) -> PairedResult:
+    """Bootstrap CIs and paired p-values for the token-weighted mean difference of each column.
+
+    ``diff_sums[p, j]`` is (fine-tuned − base) summed over prompt ``p``'s selected tokens for latent
+    ``j``; ``counts[p]`` is that prompt's token count. The statistic is ``Σ_p D_pj / Σ_p n_p``,
+    the same Δ mean the ranking uses. Prompts are the resampling unit (tokens of one prompt are not
+    independent).
+
+    - CI: percentile bootstrap over prompts (ratio of resampled sums).
+    - ``test="permutation"``: sign-flip test (under no effect, swapping base and fine-tuned within a
+      prompt flips ``D_p``'s sign); exact over all ``2^P`` flips when that is at most
+      ``n_permutations``, otherwise Monte Carlo with ``p = (1 + hits) / (1 + n_permutations)``.
+    - ``test="t"``: paired t-test on per-prompt mean differences (needs scipy; gives small p-values
+      when there are few prompts and many latents to correct for).
+
+    Example:
+        >>> import torch
+        >>> d = torch.tensor([[1.0], [1.2], [0.9], [1.1], [1.0], [0.8]])
+        >>> r = paired_uncertainty(d, torch.ones(6, dtype=torch.long), n_bootstrap=200)
+        >>> bool(r.ci_low[0] > 0.8 and r.ci_high[0] < 1.2), float(r.p_value[0])
+        (True, 0.03125)
+    """
+    d = torch.as_tensor(diff_sums, dtype=torch.float64)
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    n_p, k = d.shape
+    if n.shape != (n_p,):
+        raise ArgumentError(f"counts must have one entry per prompt ({n_p}), got {tuple(n.shape)}")
+    keep = n > 0
+    d, n = d[keep], n[keep]
+    n_p = int(d.shape[0])
+    if n_p == 0:
+        raise ArgumentError("no prompt contributed any token; nothing to test")
+    if not 0 < confidence < 1:
+        raise ArgumentError(f"confidence must lie in (0, 1), got {confidence}")
+    if test not in ("permutation", "t"):
+        raise ArgumentError(f"unknown test {test!r}; choose 'permutation' or 't'")
+    total = n.sum()
+    obs = d.sum(0) / total
+    # Random draws come in fixed blocks of rows, each from its own seeded generator, so results do
+    # not depend on how columns are chunked and memory stays O(block · chunk), not O(draws · k).
+    block = max(1, min(1024, 2**20 // n_p))  # draw matrices stay at most ~8 MB however many prompts
+    cols = max(1, min(chunk, 2**21 // max(n_bootstrap, block)))
+
+    def boot_weights(b: int) -> Tensor:
+        rows = min(block, n_bootstrap - b * block)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        draws = torch.randint(0, n_p, (rows, n_p), generator=g)
+        return torch.zeros(rows, n_p, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones(rows, n_p, dtype=torch.float64)
+        )
+
+    n_boot_blocks = -(-n_bootstrap // block)
+    alpha = (1 - confidence) / 2
+    levels = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
+    lo, hi = torch.empty(k, dtype=torch.float64), torch.empty(k, dtype=torch.float64)
+    for j in range(0, k, cols):
+        dj = d[:, j : j + cols]
+        reps = torch.empty(n_bootstrap, dj.shape[1], dtype=torch.float64)
+        for b in range(n_boot_blocks):
+            w = boot_weights(b)
+            reps[b * block : b * block + len(w)] = (w @ dj) / (w @ n).unsqueeze(1)
+        q = torch.quantile(reps, levels, dim=0)
+        lo[j : j + cols], hi[j : j + cols] = q[0], q[1]
+
+    if test == "permutation":
+        exact = 2**n_p <= n_permutations
+        n_draws = 2**n_p if exact else n_permutations
+
+        def sign_block(b: int) -> Tensor:
+            start = b * block
+            rows = min(block, n_draws - start)
+            if exact:
+                bits = torch.arange(start, start + rows).unsqueeze(1) >> torch.arange(n_p)
+            else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + 500_000 + b)
+                bits = torch.randint(0, 2, (rows, n_p), generator=g)
+            return (1 - 2 * (bits & 1)).to(torch.float64)
+
+        hits = torch.zeros(k, dtype=torch.float64)
+        thresh = obs.abs() * (1 - 1e-9)
+        for b in range(-(-n_draws // block)):
+            signs = sign_block(b)
+            for j in range(0, k, cols):
+                null = (signs @ d[:, j : j + cols]).abs() / total
+                hits[j : j + cols] += (null >= thresh[j : j + cols]).sum(0).double()
+        p = hits / n_draws if exact else (hits + 1) / (n_draws + 1)
+        floor = min(1.0, 2.0 / n_draws) if exact else 1.0 / (n_draws + 1)
+        method = f"sign-flip permutation ({'exact' if exact else n_draws}, {n_p} prompts)"
+    elif test == "t":
+        try:
+            from scipy.special import stdtr
+        except ImportError as e:  # pragma: no cover - scipy ships with sae-lens' dependencies
+            raise MissingDependencyError("test='t' needs scipy: pip install scipy") from e
+        if n_p < 2:
+            raise ArgumentError("a paired t-test needs at least 2 prompts")
+        per = d / n.unsqueeze(1)
+        mean = per.mean(0)
+        sd = per.std(0)
+        t = mean / (sd / math.sqrt(n_p))
+        p_np = 2 * stdtr(n_p - 1, -t.abs().numpy())
+        p = torch.as_tensor(p_np, dtype=torch.float64)
+        p = torch.where(sd > 0, p, torch.where(mean == 0, 1.0, 0.0))
+        method = f"paired t ({n_p} prompts)"
+        floor = 0.0
+    return PairedResult(ci_low=lo, ci_high=hi, p_value=p, method=method, p_floor=floor)
