@@ -285,11 +285,11 @@ def test_every_statistic_is_a_stat_that_rebuilds_from_its_state_dict():
     pi, pos = torch.tensor([0, 0, 1, 1, 2, 2]), torch.arange(6)
     site = SiteStats(5, 3)
     site.update(acts, x, prompt_index=pi, position=pos)
-    for st in (site, site.latents, site.resid):
-        assert isinstance(st, Stat)
-        again = stat_from_state_dict(st.state_dict())
-        assert type(again) is type(st)
-        for k, v in st.state_dict().items():
+    for stat in (site, site.latents, site.resid):
+        assert isinstance(stat, Stat)
+        again = stat_from_state_dict(stat.state_dict())
+        assert type(again) is type(stat)
+        for k, v in stat.state_dict().items():
             assert torch.equal(again.state_dict()[k], v), k
     old = {k: v for k, v in site.state_dict().items() if k != "stat.kind"}
     with pytest.raises(ValueError, match=r"no 'stat.kind' entry.*SiteStats.from_state_dict"):
