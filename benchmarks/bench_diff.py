@@ -60,8 +60,9 @@ def build(
     site_layer: int = SITE_LAYER,
     d_sae: int = D_SAE,
     k: int = K,
+    sae_kind: str = "topk",
 ):
-    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from modeldiff.sites import Site
@@ -88,7 +89,12 @@ def build(
         for p in tuned.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # a "fine-tune": small changes everywhere
     site = Site.resid_post(site_layer)
-    sae = TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=d_sae, k=k))
+    if sae_kind == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=d_sae, k=k))
+    else:  # a dense standard ReLU SAE: about half of its latents fire on a token
+        sae = StandardSAE(StandardSAEConfig(d_in=d_model, d_sae=d_sae))
+        with torch.no_grad():
+            sae.b_enc.fill_(0.0)
     sae.cfg.metadata.hook_name = site.hook_name
     return tok, base, tuned, sae, site
 
@@ -150,12 +156,12 @@ def naive_pass(hsts, sae, site, prompts) -> list[torch.Tensor]:
     return means
 
 
-def throughput(n_tokens: int, repeats: int, vocab: int) -> dict:
+def throughput(n_tokens: int, repeats: int, vocab: int, sae_kind: str = "topk") -> dict:
     from sae_lens import HookedSAETransformer
 
     from modeldiff.diff import diff_latents
 
-    tok, base, tuned, sae, site = build(d_vocab=vocab)
+    tok, base, tuned, sae, site = build(d_vocab=vocab, sae_kind=sae_kind)
     prompts = make_prompts(n_tokens)
     n_tok = sum(len(p) for p in prompts)
     hsts = []
@@ -206,6 +212,7 @@ def throughput(n_tokens: int, repeats: int, vocab: int) -> dict:
     nb, nf = naive_pass(hsts, sae, site, prompts)
     err = max(float((d.mean_base - nb).abs().max()), float((d.mean_finetuned - nf).abs().max()))
     return {
+        "active": float(d.column("freq_base").mean()),
         "tokens": n_tok,
         "prompts": len(prompts),
         "seconds": best,
@@ -362,6 +369,13 @@ def main() -> None:
         "--limit-heap-too", action="store_true", help="also measure with limit_heap_growth()"
     )
     ap.add_argument("--vocab", type=int, default=D_VOCAB, help="d_vocab of the throughput model")
+    ap.add_argument(
+        "--sae",
+        choices=("topk", "relu", "both"),
+        default="both",
+        help="the SAE of the throughput run: TopK k32 (sparse), a dense standard ReLU SAE, or both",
+    )
+    ap.add_argument("--throughput-only", action="store_true", help="skip the memory table")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.memory_child is not None:
@@ -378,11 +392,14 @@ def main() -> None:
         f"d_vocab {args.vocab}; site resid_post({SITE_LAYER}); "
         f"TopK SAE d_sae {D_SAE}, k {K}; batch {BATCH}; torch threads {torch.get_num_threads()}"
     )
-    if not args.memory_only:
-        r = throughput(args.tokens, args.repeats, args.vocab)
+    kinds = ("topk", "relu") if args.sae == "both" else (args.sae,)
+    for kind in () if args.memory_only else kinds:
+        r = throughput(args.tokens, args.repeats, args.vocab, kind)
         s = r["seconds"]
         print(
-            f"\n[throughput] {r['tokens']} tokens x 2 models, {r['prompts']} prompts (best of {args.repeats})"
+            f"\n[throughput, {kind} SAE, default settings of diff_latents except positions='all'; "
+            f"{r['active']:.0%} of latents fire per token] {r['tokens']} tokens x 2 models, "
+            f"{r['prompts']} prompts (best of {args.repeats})"
         )
         c = r["cpu_seconds"]
         for k in ("floor", "ours_stream", "ours_full", "naive"):
@@ -398,6 +415,8 @@ def main() -> None:
         ):
             print(f"  {label:27s} cpu {c[num] / c[den]:.3f}x   wall {s[num] / s[den]:.3f}x{target}")
         print(f"  max |mean ours - mean naive| = {r['max_abs_err_vs_naive']:.2e}")
+    if args.throughput_only:
+        return
 
     # glibc raises its mmap threshold after large frees; large tensors then come from a heap whose
     # free space fragments, so the peak RSS of one run depends on the allocator's history (several
