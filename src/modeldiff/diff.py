@@ -1048,6 +1048,111 @@ def _encode_into(
         stats.update(sae.encode(xs), xs, prompt_index=prompt_index[sl], position=position[sl])
 
 
+def _batch_plan(
+    tokenized: Sequence[Any], selections: Sequence[Sequence[int]], batch_size: int
+) -> list[list[int]]:
+    """The global batch plan: prompt indices per batch, as :func:`capture` would batch them."""
+    todo = [i for i, sel in enumerate(selections) if sel]
+    batches = plan_batches([len(tokenized[i]) for i in todo], batch_size, sort_by_length=True)
+    return [[todo[j] for j in b] for b in batches]
+
+
+def _diff_batch(
+    models: tuple[Any, Any],
+    sae: Any,
+    site: Site,
+    tokenized: Sequence[Any],
+    selections: Sequence[Sequence[int]],
+    index: Sequence[int],
+    *,
+    padding_side: Literal["right", "left"],
+    outlier_factor: float | None,
+    sizes: tuple[int, int],
+    track: bool,
+) -> tuple[SiteStats, SiteStats, int]:
+    """One batch of a diff (prompts ``index`` of the run): fresh statistics of both models and the
+    number of outlier tokens dropped. The batch is captured alone, with the same prompts in the same
+    order and padding as in a whole-run stream, so its activations are the same."""
+    opts: dict[str, Any] = {
+        "positions": [list(s) for s in selections],
+        "batch_size": len(index),
+        "include_bos": True,  # the selections are final
+        "padding_side": padding_side,
+        "tokenized": tokenized,
+        "progress": False,
+    }
+    (bb,) = capture(models[0], tokenized, site, **opts)
+    (bf,) = capture(models[1], tokenized, site, **opts)
+    if not (
+        torch.equal(bb.prompt_index, bf.prompt_index) and torch.equal(bb.position, bf.position)
+    ):
+        raise RuntimeError("internal: base and fine-tuned batches selected different tokens")
+    xb, xf, pos = bb.acts[site], bf.acts[site], bb.position
+    pi = torch.as_tensor(index, dtype=torch.long)[bb.prompt_index]
+    n_out = 0
+    if outlier_factor is not None:
+        # a token that is an outlier in either model leaves both (the pairing stays);
+        # a NaN norm is not an outlier: it stays, and the statistics flag it
+        keep = ~((bb.norm_ratio[site] > outlier_factor) | (bf.norm_ratio[site] > outlier_factor))
+        if not bool(keep.all()):
+            n_out = int((~keep).sum())
+            xb, xf = xb[keep.to(xb.device)], xf[keep.to(xf.device)]
+            pi, pos = pi[keep], pos[keep]
+    del bb, bf
+    part_b = SiteStats(*sizes, track_prompts=track)
+    part_f = SiteStats(*sizes, track_prompts=track)
+    if len(pi):
+        _encode_into(part_b, sae, xb, pi, pos)
+        _encode_into(part_f, sae, xf, pi, pos)
+    return part_b, part_f, n_out
+
+
+def _check_checkpoint_options(checkpoint: Any, every: Any) -> int:
+    if checkpoint is not None and not isinstance(checkpoint, (str, Path)):
+        raise ArgumentTypeError(
+            f"checkpoint must be a file path (str or Path) or None, got {type(checkpoint).__name__}"
+        )
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ArgumentError(
+            f"checkpoint_every must be a positive integer (batches between checkpoints), got {every!r}"
+        )
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise ArgumentError(f"checkpoint {str(checkpoint)!r} is a folder; pass a file path")
+    return every
+
+
+def _run_fingerprint(
+    base: Any,
+    finetuned: Any,
+    sae: Any,
+    site: Site,
+    tokenized: Sequence[Any],
+    selections: Sequence[Sequence[int]],
+    plan: list[list[int]],
+    outlier_factor: float | None,
+    track: bool,
+) -> dict[str, Any]:
+    """Everything that decides a diff's statistics, for refusing a checkpoint of another run."""
+    from .checkpoint import hash_selection, model_fingerprint
+
+    ab = adapter_for(base)
+    return {
+        "site": site.hook_name,
+        "sae": sae_fingerprint(sae),
+        "sae_dtype": str(sae.W_dec.dtype),
+        "d_sae": int(sae.cfg.d_sae),
+        "base_model": model_fingerprint(base),
+        "finetuned_model": model_fingerprint(finetuned),
+        "model_dtype": str(ab.dtype),
+        "n_prompts": len(tokenized),
+        "prompts_and_positions": hash_selection((t.ids for t in tokenized), selections),
+        "batch_plan": hash_selection(plan, [[len(b)] for b in plan]),
+        "n_batches": len(plan),
+        "outlier_factor": outlier_factor,
+        "track_prompts": track,
+    }
+
+
 def diff_latents(
     base: Any,
     finetuned: Any,
@@ -1072,6 +1177,8 @@ def diff_latents(
     seed: int = 0,
     progress: bool = True,
     tokens: TokenSelection | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
 ) -> LatentDiff:
     """Rank SAE latents by how much their mean activation moved from ``base`` to ``finetuned``.
 
@@ -1102,6 +1209,12 @@ def diff_latents(
             ``include_bos``, ``outlier_factor``, ``prepend_bos`` and ``truncate``; likewise
             ``uncertainty`` may be an :class:`~modeldiff.config.Uncertainty` standing for
             ``uncertainty``, ``test``, ``n_bootstrap``, ``n_permutations``, ``confidence``, ``seed``.
+        checkpoint: a file to checkpoint the running statistics to every ``checkpoint_every``
+            batches (and after the last). If it exists, the run resumes from it, to exactly the
+            result of an uninterrupted run; a checkpoint of another run (models, SAE, prompts,
+            positions, batch plan or options differ) is refused naming the difference. The file
+            is kept after success: running again returns at once. See docs/scale.md.
+        checkpoint_every: batches between checkpoints (a positive integer).
 
     Raises:
         SAEError: SAE ``d_in`` ≠ ``d_model``, dtype/device mismatch, BatchTopK encoder.
@@ -1159,70 +1272,65 @@ def diff_latents(
         confidence=confidence,
         seed=seed,
     )
+    every = _check_checkpoint_options(checkpoint, checkpoint_every)
     sae, site = _prepare(base, finetuned, sae, site, convert_sae)
     tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
     d_sae, d_model = int(sae.cfg.d_sae), adapter_for(base).d_model
     # Per-prompt sums exist only for the paired analysis; without it memory stays O(d_sae).
     track = uncertainty is not None
+    selections = select_positions(tokenized, positions, include_bos=include_bos)
+    plan = _batch_plan(tokenized, selections, batch_size)
+    warn_shared_prefix(tokenized, positions, include_bos=include_bos)
+
+    def run_batch(k: int) -> tuple[SiteStats, SiteStats, int]:
+        return _diff_batch(
+            (base, finetuned),
+            sae,
+            site,
+            [tokenized[i] for i in plan[k]],
+            [selections[i] for i in plan[k]],
+            plan[k],
+            padding_side=padding_side,
+            outlier_factor=outlier_factor,
+            sizes=(d_sae, d_model),
+            track=track,
+        )
+
+    # Every path (plain, resumed, distributed) folds the same per-batch partial statistics into the
+    # running ones in the same global batch order, so all of them do the same float arithmetic and
+    # agree bit for bit.
     stats_b = SiteStats(d_sae, d_model, track_prompts=track)
     stats_f = SiteStats(d_sae, d_model, track_prompts=track)
-    common = {
-        "positions": positions,
-        "batch_size": batch_size,
-        "include_bos": include_bos,
-        "padding_side": padding_side,
-        "tokenized": tokenized,
-        "progress": False,
-    }
-    n_batches = len(
-        plan_batches(
-            [
-                len(t)
-                for t, s in zip(
-                    tokenized, select_positions(tokenized, positions, include_bos=include_bos)
-                )
-                if s
-            ],
-            batch_size,
-            sort_by_length=True,
+    n_outliers, start = 0, 0
+    fingerprint: dict[str, Any] = {}
+    if checkpoint is not None:
+        from .checkpoint import load_checkpoint, save_checkpoint
+
+        fingerprint = _run_fingerprint(
+            base, finetuned, sae, site, tokenized, selections, plan, outlier_factor, track
         )
-    )
-    warn_shared_prefix(tokenized, positions, include_bos=include_bos)
-    n_outliers = 0
-    stream_b = capture(base, prompts, site, **common)
-    stream_f = capture(finetuned, prompts, site, **common)
-    # Each batch is dropped before the next forwards start, so a pass holds one batch of captured
-    # activations at a time: no zip() (it keeps its last result tuple until both streams have
-    # produced the next one) and no iterating through tqdm (its generator holds the last item).
+        if Path(checkpoint).exists():
+            saved, counters = load_checkpoint(checkpoint, fingerprint)
+            stats_b, stats_f = saved["base"], saved["finetuned"]
+            start, n_outliers = counters["next_batch"], counters["n_outliers"]
     with (
         torch.inference_mode(),
-        tqdm(total=n_batches, desc="diff_latents", disable=not progress) as bar,
+        tqdm(total=len(plan), initial=start, desc="diff_latents", disable=not progress) as bar,
     ):
-        for bb in stream_b:
-            bf = next(stream_f, None)
-            if bf is None or not (
-                torch.equal(bb.prompt_index, bf.prompt_index)
-                and torch.equal(bb.position, bf.position)
-            ):
-                raise RuntimeError(
-                    "internal: base and fine-tuned batches selected different tokens"
-                )
-            xb, xf, pi, pos = bb.acts[site], bf.acts[site], bb.prompt_index, bb.position
-            if outlier_factor is not None:
-                # a token that is an outlier in either model leaves both (the pairing stays);
-                # a NaN norm is not an outlier: it stays, and the statistics flag it
-                keep = ~(
-                    (bb.norm_ratio[site] > outlier_factor) | (bf.norm_ratio[site] > outlier_factor)
-                )
-                if not bool(keep.all()):
-                    n_outliers += int((~keep).sum())
-                    xb, xf = xb[keep.to(xb.device)], xf[keep.to(xf.device)]
-                    pi, pos = pi[keep], pos[keep]
-            if len(pi):
-                _encode_into(stats_b, sae, xb, pi, pos)
-                _encode_into(stats_f, sae, xf, pi, pos)
-            del bb, bf, xb, xf
+        for k in range(start, len(plan)):
+            part_b, part_f, dropped = run_batch(k)
+            stats_b.merge(part_b)
+            stats_f.merge(part_f)
+            n_outliers += dropped
+            del part_b, part_f
             bar.update()
+            if checkpoint is not None and ((k + 1) % every == 0 or k + 1 == len(plan)):
+                save_checkpoint(
+                    checkpoint,
+                    fingerprint,
+                    {"base": stats_b, "finetuned": stats_f},
+                    {"next_batch": k + 1, "n_outliers": n_outliers},
+                )
     if stats_b.latents.count == 0 and n_outliers:
         raise ArgumentError(
             f"every selected token ({n_outliers}) was dropped as an outlier (norm above "
