@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ._io import atomic_path
 from .adapters import adapter_for
-from .capture import capture, plan_batches
+from .capture import CaptureBatch, capture, plan_batches
 from .config import TestName, TokenSelection, Uncertainty, unpack
 from .errors import (
     ArgumentError,
@@ -1057,22 +1058,17 @@ def _batch_plan(
     return [[todo[j] for j in b] for b in batches]
 
 
-def _diff_batch(
+def _capture_pair(
     models: tuple[Any, Any],
-    sae: Any,
     site: Site,
     tokenized: Sequence[Any],
     selections: Sequence[Sequence[int]],
     index: Sequence[int],
-    *,
     padding_side: Literal["right", "left"],
-    outlier_factor: float | None,
-    sizes: tuple[int, int],
-    track: bool,
-) -> tuple[SiteStats, SiteStats, int]:
-    """One batch of a diff (prompts ``index`` of the run): fresh statistics of both models and the
-    number of outlier tokens dropped. The batch is captured alone, with the same prompts in the same
-    order and padding as in a whole-run stream, so its activations are the same."""
+) -> tuple[CaptureBatch, CaptureBatch]:
+    """Both models' activations for one batch of the run (prompts ``index``, with global prompt
+    indices). The batch is captured alone, with the same prompts in the same order and padding as
+    in a whole-run stream, so its activations are the same."""
     opts: dict[str, Any] = {
         "positions": [list(s) for s in selections],
         "batch_size": len(index),
@@ -1081,14 +1077,33 @@ def _diff_batch(
         "tokenized": tokenized,
         "progress": False,
     }
+    glob = torch.as_tensor(index, dtype=torch.long)
     (bb,) = capture(models[0], tokenized, site, **opts)
     (bf,) = capture(models[1], tokenized, site, **opts)
+    return (
+        dataclasses.replace(bb, prompt_index=glob[bb.prompt_index]),
+        dataclasses.replace(bf, prompt_index=glob[bf.prompt_index]),
+    )
+
+
+def _fold_pair(
+    pair: tuple[CaptureBatch, CaptureBatch],
+    sae: Any,
+    site: Site,
+    *,
+    outlier_factor: float | None,
+    sizes: tuple[int, int],
+    track: bool,
+) -> tuple[SiteStats, SiteStats, int]:
+    """One batch of a diff: fresh statistics of both models and the number of outliers dropped."""
+    bb, bf = pair
     if not (
         torch.equal(bb.prompt_index, bf.prompt_index) and torch.equal(bb.position, bf.position)
     ):
         raise RuntimeError("internal: base and fine-tuned batches selected different tokens")
-    xb, xf, pos = bb.acts[site], bf.acts[site], bb.position
-    pi = torch.as_tensor(index, dtype=torch.long)[bb.prompt_index]
+    dev = sae.W_dec.device  # cached activations come from the CPU
+    xb, xf = bb.acts[site].to(dev), bf.acts[site].to(dev)
+    pi, pos = bb.prompt_index, bb.position
     n_out = 0
     if outlier_factor is not None:
         # a token that is an outlier in either model leaves both (the pairing stays);
@@ -1096,15 +1111,41 @@ def _diff_batch(
         keep = ~((bb.norm_ratio[site] > outlier_factor) | (bf.norm_ratio[site] > outlier_factor))
         if not bool(keep.all()):
             n_out = int((~keep).sum())
-            xb, xf = xb[keep.to(xb.device)], xf[keep.to(xf.device)]
+            xb, xf = xb[keep.to(dev)], xf[keep.to(dev)]
             pi, pos = pi[keep], pos[keep]
-    del bb, bf
+    del bb, bf, pair
     part_b = SiteStats(*sizes, track_prompts=track)
     part_f = SiteStats(*sizes, track_prompts=track)
     if len(pi):
         _encode_into(part_b, sae, xb, pi, pos)
         _encode_into(part_f, sae, xf, pi, pos)
     return part_b, part_f, n_out
+
+
+def _open_cache(
+    folder: Any, fingerprint: dict[str, Any], n_tokens: int, dtype: Any, progress: bool
+) -> tuple[Any, Any]:
+    """``(reader, None)`` for a complete cache that matches, ``(None, writer)`` otherwise."""
+    from .cache import MANIFEST, ActivationCache, CacheWriter, cache_size
+
+    if not isinstance(folder, (str, Path)):
+        raise ArgumentTypeError(
+            f"cache must be a folder path (str or Path) or None, got {type(folder).__name__}"
+        )
+    expected = {k: fingerprint[k] for k in _CACHE_KEYS}
+    if (Path(folder) / MANIFEST).exists():
+        reader = ActivationCache(folder)
+        reader.check(expected)
+        return reader, None
+    nbytes = cache_size(n_tokens, int(fingerprint["d_model"]), dtype)
+    if progress:
+        tqdm.write(
+            f"modeldiff: writing an activation cache to {str(folder)!r}: {n_tokens} tokens x "
+            f"{fingerprint['d_model']} x 2 models in {str(dtype).removeprefix('torch.')} = "
+            f"{nbytes / 2**20:.1f} MiB"
+        )
+    manifest = {**expected, "dtype": str(dtype).removeprefix("torch."), "n_tokens": n_tokens}
+    return None, CacheWriter(folder, {**manifest, "nbytes": nbytes})
 
 
 def _check_checkpoint_options(checkpoint: Any, every: Any) -> int:
@@ -1131,6 +1172,7 @@ def _run_fingerprint(
     plan: list[list[int]],
     outlier_factor: float | None,
     track: bool,
+    padding_side: str,
 ) -> dict[str, Any]:
     """Everything that decides a diff's statistics, for refusing a checkpoint of another run."""
     from .checkpoint import hash_selection, model_fingerprint
@@ -1148,9 +1190,26 @@ def _run_fingerprint(
         "prompts_and_positions": hash_selection((t.ids for t in tokenized), selections),
         "batch_plan": hash_selection(plan, [[len(b)] for b in plan]),
         "n_batches": len(plan),
+        "d_model": ab.d_model,
+        "padding_side": padding_side,
         "outlier_factor": outlier_factor,
         "track_prompts": track,
     }
+
+
+# What a cache of activations depends on (a subset of the run fingerprint: no SAE, no options).
+_CACHE_KEYS = (
+    "site",
+    "base_model",
+    "finetuned_model",
+    "model_dtype",
+    "d_model",
+    "n_prompts",
+    "prompts_and_positions",
+    "batch_plan",
+    "n_batches",
+    "padding_side",
+)
 
 
 def diff_latents(
@@ -1179,6 +1238,7 @@ def diff_latents(
     tokens: TokenSelection | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
+    cache: str | Path | None = None,
 ) -> LatentDiff:
     """Rank SAE latents by how much their mean activation moved from ``base`` to ``finetuned``.
 
@@ -1215,6 +1275,10 @@ def diff_latents(
             positions, batch plan or options differ) is refused naming the difference. The file
             is kept after success: running again returns at once. See docs/scale.md.
         checkpoint_every: batches between checkpoints (a positive integer).
+        cache: a folder for an activation cache (:mod:`modeldiff.cache`): written during this
+            run if it holds no complete cache (its size is printed first), read instead of
+            running the models if it holds one for the same models, prompts, positions and site
+            (any SAE); a cache for another run is refused naming the difference.
 
     Raises:
         SAEError: SAE ``d_in`` ≠ ``d_model``, dtype/device mismatch, BatchTopK encoder.
@@ -1282,18 +1346,44 @@ def diff_latents(
     plan = _batch_plan(tokenized, selections, batch_size)
     warn_shared_prefix(tokenized, positions, include_bos=include_bos)
 
-    def run_batch(k: int) -> tuple[SiteStats, SiteStats, int]:
-        return _diff_batch(
-            (base, finetuned),
+    fingerprint: dict[str, Any] = {}
+    reader = writer = None
+    if checkpoint is not None or cache is not None:
+        fingerprint = _run_fingerprint(
+            base,
+            finetuned,
             sae,
             site,
-            [tokenized[i] for i in plan[k]],
-            [selections[i] for i in plan[k]],
-            plan[k],
-            padding_side=padding_side,
-            outlier_factor=outlier_factor,
-            sizes=(d_sae, d_model),
-            track=track,
+            tokenized,
+            selections,
+            plan,
+            outlier_factor,
+            track,
+            padding_side,
+        )
+    if cache is not None:
+        n_tokens = sum(len(sel) for sel in selections)
+        reader, writer = _open_cache(
+            cache, fingerprint, n_tokens, adapter_for(base).dtype, progress
+        )
+
+    def run_batch(k: int) -> tuple[SiteStats, SiteStats, int]:
+        if reader is not None:
+            pair = (reader.batch("base", k), reader.batch("finetuned", k))
+        else:
+            pair = _capture_pair(
+                (base, finetuned),
+                site,
+                [tokenized[i] for i in plan[k]],
+                [selections[i] for i in plan[k]],
+                plan[k],
+                padding_side,
+            )
+            if writer is not None:
+                writer.write("base", k, pair[0], site)
+                writer.write("finetuned", k, pair[1], site)
+        return _fold_pair(
+            pair, sae, site, outlier_factor=outlier_factor, sizes=(d_sae, d_model), track=track
         )
 
     # Every path (plain, resumed, distributed) folds the same per-batch partial statistics into the
@@ -1302,13 +1392,9 @@ def diff_latents(
     stats_b = SiteStats(d_sae, d_model, track_prompts=track)
     stats_f = SiteStats(d_sae, d_model, track_prompts=track)
     n_outliers, start = 0, 0
-    fingerprint: dict[str, Any] = {}
     if checkpoint is not None:
         from .checkpoint import load_checkpoint, save_checkpoint
 
-        fingerprint = _run_fingerprint(
-            base, finetuned, sae, site, tokenized, selections, plan, outlier_factor, track
-        )
         if Path(checkpoint).exists():
             saved, counters = load_checkpoint(checkpoint, fingerprint)
             stats_b, stats_f = saved["base"], saved["finetuned"]
@@ -1331,6 +1417,8 @@ def diff_latents(
                     {"base": stats_b, "finetuned": stats_f},
                     {"next_batch": k + 1, "n_outliers": n_outliers},
                 )
+    if writer is not None:
+        writer.finish()
     if stats_b.latents.count == 0 and n_outliers:
         raise ArgumentError(
             f"every selected token ({n_outliers}) was dropped as an outlier (norm above "
