@@ -76,6 +76,23 @@ def assert_same_diff(a, b) -> None:
     assert a.meta == b.meta
 
 
+def diff_tensors(d) -> dict[str, torch.Tensor]:
+    """Every column and every statistic tensor of a diff, by name (safetensors-ready)."""
+    out = {f"col.{c}": d.column(c) for c in d.columns}
+    for name, st in zip(("base", "finetuned"), d.stats):
+        out.update({f"{name}.{k}": v for k, v in st.state_dict().items()})
+    return out
+
+
+def assert_same_tensors(ref: dict, got: dict) -> None:
+    """The same names, dtypes and values bit for bit (NaN where the other has NaN)."""
+    assert set(ref) == set(got)
+    for k, v in ref.items():
+        w = got[k]
+        assert v.dtype == w.dtype and torch.equal(v.isnan(), w.isnan()), k
+        assert torch.equal(v[~v.isnan()], w[~w.isnan()]), k
+
+
 def _forward_counter(model, kill_at: int | None):
     calls = [0]
 
@@ -97,9 +114,7 @@ def _worker(mode: str, ckpt: str, out: str) -> None:
         d = run_diff(base, tuned, sae, prompts, checkpoint=ckpt, checkpoint_every=EVERY)
     finally:
         handle.remove()
-    tensors = {f"col.{c}": d.column(c) for c in d.columns}
-    for name, st in zip(("base", "finetuned"), d.stats):
-        tensors.update({f"{name}.{k}": v for k, v in st.state_dict().items()})
+    tensors = diff_tensors(d)
     tensors["base_forwards"] = torch.tensor(calls[0])
     save_file(tensors, out)
 
@@ -136,14 +151,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     n_batches = math.ceil(N_PROMPTS / BATCH)
     # it resumed after batch 2 (the last checkpoint before the kill), not from scratch
     assert int(got["base_forwards"]) == n_batches - 2
-    ref = {f"col.{c}": reference.column(c) for c in reference.columns}
-    for name, st in zip(("base", "finetuned"), reference.stats):
-        ref.update({f"{name}.{k}": v for k, v in st.state_dict().items()})
-    assert set(ref) == set(got) - {"base_forwards"}
-    for k, v in ref.items():
-        w = got[k]
-        assert v.dtype == w.dtype and torch.equal(v.isnan(), w.isnan()), k
-        assert torch.equal(v[~v.isnan()], w[~w.isnan()]), k
+    del got["base_forwards"]
+    assert_same_tensors(diff_tensors(reference), got)
 
 
 def test_in_process_resume_from_every_checkpoint_is_bit_identical(tmp_path, reference):

@@ -1239,6 +1239,7 @@ def diff_latents(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
     cache: str | Path | None = None,
+    distributed: bool = False,
 ) -> LatentDiff:
     """Rank SAE latents by how much their mean activation moved from ``base`` to ``finetuned``.
 
@@ -1279,6 +1280,9 @@ def diff_latents(
             run if it holds no complete cache (its size is printed first), read instead of
             running the models if it holds one for the same models, prompts, positions and site
             (any SAE); a cache for another run is refused naming the difference.
+        distributed: shard the batches over the ranks of ``torch.distributed`` (launch with
+            ``torchrun``; :mod:`modeldiff.distributed`). Rank 0 returns the diff, bit-identical
+            to a single-process run; every other rank returns ``None``.
 
     Raises:
         SAEError: SAE ``d_in`` ≠ ``d_model``, dtype/device mismatch, BatchTopK encoder.
@@ -1337,6 +1341,16 @@ def diff_latents(
         seed=seed,
     )
     every = _check_checkpoint_options(checkpoint, checkpoint_every)
+    rank = 0
+    if distributed:
+        from .distributed import gather_batches, init_from_env
+
+        if checkpoint is not None:
+            raise ArgumentError(
+                "checkpoint= does not combine with distributed=True yet; run distributed without a "
+                "checkpoint, or checkpoint a single-process run"
+            )
+        rank, _ = init_from_env()
     sae, site = _prepare(base, finetuned, sae, site, convert_sae)
     tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
     d_sae, d_model = int(sae.cfg.d_sae), adapter_for(base).d_model
@@ -1401,9 +1415,17 @@ def diff_latents(
             start, n_outliers = counters["next_batch"], counters["n_outliers"]
     with (
         torch.inference_mode(),
-        tqdm(total=len(plan), initial=start, desc="diff_latents", disable=not progress) as bar,
+        tqdm(
+            total=len(plan), initial=start, desc="diff_latents", disable=not progress or rank != 0
+        ) as bar,
     ):
-        for k in range(start, len(plan)):
+        if distributed:
+            n_outliers = gather_batches(
+                len(plan), run_batch, (stats_b, stats_f), on_batch=bar.update
+            )
+            if n_outliers is None:  # not rank 0: its statistics went to rank 0
+                return None  # type: ignore[return-value]
+        for k in range(start, 0 if distributed else len(plan)):
             part_b, part_f, dropped = run_batch(k)
             stats_b.merge(part_b)
             stats_f.merge(part_f)

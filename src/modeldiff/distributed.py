@@ -1,0 +1,160 @@
+"""Data-parallel diffing on ``torch.distributed``: batches sharded over ranks, merged on rank 0.
+
+``diff_latents(..., distributed=True)`` under ``torchrun`` runs batch ``k`` of the run's global
+batch plan on rank ``k % world_size``. Batches go in rounds of ``world_size``; after each round every
+rank's per-batch statistics travel to rank 0 with tensor collectives (an ``all_gather`` of the byte
+sizes, then a ``gather`` of the padded bytes: nothing is pickled), and rank 0 folds them into the
+running statistics in global batch order. That is exactly the arithmetic of a single-process run, so
+the float64 statistics, the ranking and the intervals (same ``seed``) are bit-identical. Rank 0
+returns the :class:`~modeldiff.LatentDiff`; every other rank returns ``None``.
+
+The process group is the caller's if one is initialised, otherwise it is initialised from
+torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) with ``nccl``
+when CUDA is available and ``gloo`` otherwise. See docs/scale.md for the launch recipe.
+
+Example:
+    >>> import torch
+    >>> state = {"a": torch.arange(3), "b": torch.tensor(2.5, dtype=torch.float64)}
+    >>> buf, sizes = pack_state(state)
+    >>> out = unpack_state(buf, sizes, state)
+    >>> out["a"].tolist(), float(out["b"]), out["b"].dim()
+    ([0, 1, 2], 2.5, 0)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Int, UInt8
+from torch import Tensor
+
+from .errors import ArgumentError
+from .stats import SiteStats
+
+__all__ = ["gather_batches", "init_from_env", "pack_state", "unpack_state"]
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, initialising it from torchrun's
+    environment when needed (``nccl`` with CUDA, else ``gloo``, unless ``backend`` says)."""
+    if not dist.is_available():
+        raise ArgumentError(
+            "this torch build has no torch.distributed; run without distributed=True"
+        )
+    if not dist.is_initialized():
+        missing = [
+            v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ
+        ]
+        if missing:
+            raise ArgumentError(
+                f"distributed=True needs a process group, and {', '.join(missing)} are not set: "
+                "launch with torchrun (torchrun --nproc-per-node N script.py) or call "
+                "torch.distributed.init_process_group first"
+            )
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pack_state(state: Mapping[str, Tensor]) -> tuple[UInt8[Tensor, " n"], Int[Tensor, " k"]]:
+    """A state dict as one byte tensor and the byte size of each entry (keys in sorted order)."""
+    parts = [
+        state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8) for k in sorted(state)
+    ]
+    sizes = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
+    buf = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+    return buf, sizes
+
+
+def unpack_state(
+    buf: UInt8[Tensor, " n"], sizes: Int[Tensor, " k"], template: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Invert :func:`pack_state`; ``template`` (a state dict of the same kind) gives each entry's
+    dtype and whether it is a scalar."""
+    out, at = {}, 0
+    for key, n in zip(sorted(template), sizes.tolist(), strict=True):
+        t = buf[at : at + n].clone().view(template[key].dtype)  # clone: aligned for the view
+        out[key] = t.reshape(()) if template[key].dim() == 0 else t
+        at += n
+    return out
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_batches(
+    n_batches: int,
+    run_batch: Callable[[int], tuple[SiteStats, SiteStats, int]],
+    stats: tuple[SiteStats, SiteStats],
+    *,
+    on_batch: Callable[[], Any] | None = None,
+) -> int | None:
+    """Run this rank's share of ``n_batches`` and fold every rank's partial statistics into
+    ``stats`` on rank 0, in global batch order.
+
+    ``run_batch(k)`` returns batch ``k``'s fresh ``(base, fine-tuned)`` statistics and its outlier
+    count. Returns the total outlier count on rank 0, ``None`` on the other ranks (whose ``stats``
+    stay untouched). Every rank must call this with the same ``n_batches``.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = _device()
+    d_sae, d_model = stats[0].latents.d_sae, stats[0].resid.d
+    track = stats[0].latents.track_prompts
+    blank = SiteStats(d_sae, d_model, track_prompts=track).state_dict()
+    template = {
+        **{f"base.{k}": v for k, v in blank.items()},
+        **{f"finetuned.{k}": v for k, v in blank.items()},
+        "n_outliers": torch.tensor(0, dtype=torch.int64),
+    }
+    n_outliers = 0
+    for first in range(0, n_batches, world):
+        k = first + rank
+        if k < n_batches:
+            part_b, part_f, dropped = run_batch(k)
+            state = {
+                **{f"base.{n}": v for n, v in part_b.state_dict().items()},
+                **{f"finetuned.{n}": v for n, v in part_f.state_dict().items()},
+                "n_outliers": torch.tensor(dropped, dtype=torch.int64),
+            }
+            del part_b, part_f
+            buf, sizes = pack_state(state)
+            del state
+        else:  # the last round may have fewer batches than ranks
+            buf = torch.zeros(0, dtype=torch.uint8)
+            sizes = torch.zeros(len(template), dtype=torch.int64)
+        # sizes first (so rank 0 can receive padded buffers), then the bytes
+        head = sizes.to(dev)
+        heads = [torch.empty_like(head) for _ in range(world)]
+        dist.all_gather(heads, head)
+        width = max(int(h.sum()) for h in heads)
+        padded = torch.zeros(width, dtype=torch.uint8, device=dev)
+        padded[: buf.numel()] = buf.to(dev)
+        got = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+        dist.gather(padded, got, dst=0)
+        del padded, buf
+        if rank != 0:
+            continue
+        assert got is not None
+        for r in range(world):
+            if first + r >= n_batches:
+                break
+            part = unpack_state(got[r].cpu(), heads[r].cpu(), template)
+            for i, name in enumerate(("base", "finetuned")):
+                prefix = name + "."
+                sub = {k[len(prefix) :]: v for k, v in part.items() if k.startswith(prefix)}
+                stats[i].merge(SiteStats.from_state_dict(sub))
+            n_outliers += int(part["n_outliers"])
+            if on_batch is not None:
+                on_batch()
+        del got
+    return n_outliers if rank == 0 else None
