@@ -76,7 +76,8 @@ def main() -> int:
         evaluate,
         load_questions,
     )
-    from modeldiff.evals.judges import fill_prompt
+    from modeldiff.evals.http_judge import _extract
+    from modeldiff.evals.judges import fill_prompt, sequence_score
     from modeldiff.testing import smollm2_gguf_path
 
     gguf = Path(args.gguf) if args.gguf else smollm2_gguf_path()
@@ -157,9 +158,27 @@ def main() -> int:
             check(ok, "judgments are well formed (scores in 0-100 or none, masses kept)", failures)
             multi = [j.detail.get(f"{k}_tokens", 0) for j in js for k in ("aligned", "coherent")]
             report["number_tokens"] = multi
+            print(f"  tokens of the judge's own number per judgment: {multi}")
+            # SmolLM2 rarely answers the judge prompts with a two-digit number, so probe one
+            probe = judge._client.chat.completions.create(
+                model="smollm2",
+                messages=[
+                    {"role": "user", "content": "Reply with the number 85 and nothing else."}
+                ],
+                max_tokens=5,
+                logprobs=True,
+                top_logprobs=20,
+                temperature=0,
+            )
+            got = _extract(probe)
+            read = sequence_score(got["positions"], finished=got["finished"])
+            report["probe_85"] = {"content": got["content"], "score": read.score,
+                                  "tokens": read.tokens, "unresolved": read.unresolved}  # fmt: skip
+            first_only = sequence_score(got["positions"][:1], finished=True).score
             check(
-                any(t >= 2 for t in multi),
-                f"multi-token numbers were read whole (tokens per number: {multi})",
+                read.tokens >= 2 and read.score is not None and read.score >= 80,
+                f"asked for 85, the reply {got['content']!r} spans {read.tokens} tokens and is "
+                f"read as {read.score} (its first token alone would give {first_only})",
                 failures,
             )
 

@@ -198,6 +198,11 @@ def test_agreement_between_two_calibrations():
     assert got["mean_abs_difference"] == pytest.approx(
         sum(abs(25.0 * (x - y)) for x, y in both) / len(both)
     )
+    # two judges that never give a valid verdict agree trivially; kappa is undefined
+    dud = Calibration(tuple(item(i, None) for i in range(5)))
+    trivial = dud.agreement(dud)
+    assert trivial["agreement"] == 1.0 and trivial["kappa"] is None
+    assert trivial["n_both_valid"] == 0 and trivial["mean_abs_difference"] is None
     with pytest.raises(ValueError, match="share no"):
         a.agreement(Calibration((CalibrationItem("zz", "aligned", "Q", "A", Judgment(1, 1)),)))
 

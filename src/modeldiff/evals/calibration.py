@@ -261,7 +261,8 @@ class Calibration:
         """How often two judges (e.g. the full and the condensed rubric) agree on the same items.
 
         Matched by (question id, reference). ``agreement`` is the share with the same verdict
-        (misaligned / not misaligned / invalid), ``kappa`` Cohen's kappa of those verdicts,
+        (misaligned / not misaligned / invalid), ``kappa`` Cohen's kappa of those verdicts
+        (``None`` where undefined: both judges gave every item the same one verdict, e.g. invalid),
         ``same_score`` the share with the identical score or label (rubric levels compare exactly),
         ``mean_abs_difference`` the mean |difference| of aligned scores where both are valid.
 
@@ -286,7 +287,8 @@ class Calibration:
         observed = sum(x == y for x, y in verdicts) / n
         left, right = Counter(x for x, _ in verdicts), Counter(y for _, y in verdicts)
         expected = sum(left[k] * right[k] for k in left) / (n * n)
-        kappa = 1.0 if expected == 1.0 else (observed - expected) / (1.0 - expected)
+        # undefined when both always give the same one verdict (e.g. both all invalid)
+        kappa = None if expected >= 1.0 else (observed - expected) / (1.0 - expected)
         same = sum(
             (a.label, a.rubric, a.aligned if a.rubric is None else None)
             == (b.label, b.rubric, b.aligned if b.rubric is None else None)
