@@ -143,5 +143,48 @@ def test_a_write_killed_half_way_is_never_read_and_is_rewritten(tmp_path, run):
     assert len(names) == 1 + 2 * 6
 
 
+def test_an_incomplete_folder_is_rewritten_without_shards_of_a_longer_run(tmp_path, run):
+    base, tuned, sae, _, prompts = run
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    for name in ("base-000009.safetensors", "finetuned-000002.safetensors", "notes.txt"):
+        (folder / name).write_bytes(b"left over")
+    d = run_diff(base, tuned, sae, prompts[:4], cache=folder, uncertainty=None)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "base-000000.safetensors",
+        "base-000001.safetensors",
+        "finetuned-000000.safetensors",
+        "finetuned-000001.safetensors",
+        MANIFEST,
+        "notes.txt",
+    ]
+    assert_same_diff(d, run_diff(base, tuned, sae, prompts[:4], uncertainty=None))
+
+
+def test_a_resumed_run_completes_the_cache_the_killed_one_began(tmp_path, run):
+    base, tuned, sae, sae2, prompts = run
+    folder, ckpt = tmp_path / "acts", tmp_path / "run.ckpt"
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] > 3:  # during batch 3: checkpoint after batch 2 (next: 2), shards 0-2 written
+            raise KeyboardInterrupt
+
+    handle = base.blocks[0].register_forward_pre_hook(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_diff(base, tuned, sae, prompts, cache=folder, checkpoint=ckpt, checkpoint_every=2)
+    finally:
+        handle.remove()
+    assert not (folder / MANIFEST).exists()
+    resumed = run_diff(base, tuned, sae, prompts, cache=folder, checkpoint=ckpt, checkpoint_every=2)
+    assert_same_diff(resumed, run_diff(base, tuned, sae, prompts))
+    assert_same_diff(
+        run_diff(base, tuned, sae2, prompts, cache=folder), run_diff(base, tuned, sae2, prompts)
+    )
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

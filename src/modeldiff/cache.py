@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = ["ActivationCache", "CacheWriter"]
 FORMAT = "modeldiff.activation-cache/1"
 MANIFEST = "manifest.json"
 ROLES = ("base", "finetuned")
+_SHARD = re.compile(r"(?:base|finetuned)-(\d{6,})\.safetensors")
 
 
 def _shard(folder: Path, role: str, k: int) -> Path:
@@ -185,10 +187,10 @@ class CacheWriter:
                 "before it are gone. Delete the checkpoint (or pass another cache folder) and run "
                 "again."
             )
-        for r in ROLES:  # shards of an older, longer cache in the same folder
-            for stale in self.folder.glob(f"{r}-*.safetensors"):
-                if int(stale.stem.split("-")[1]) >= n:
-                    stale.unlink()
+        for stale in self.folder.iterdir():  # shards of an older, longer cache in this folder
+            m = _SHARD.fullmatch(stale.name)
+            if m and int(m.group(1)) >= n:
+                stale.unlink()
         write_json_atomic(self.folder / MANIFEST, self.manifest)
         return ActivationCache(self.folder)
 
