@@ -48,8 +48,8 @@ def _worker(out: str) -> None:
 
 def _torchrun(out) -> subprocess.CompletedProcess:
     # CPU kernels split their reductions by thread, so the activations (float32) are the same
-    # only at the same thread count: each rank gets the reference process's count.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # only at the same thread count: one per rank here, and the reference runs at one too.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [
         sys.executable,
@@ -62,7 +62,9 @@ def _torchrun(out) -> subprocess.CompletedProcess:
         __file__,
         str(out),
     ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=58)
+    # bounded: the run itself takes seconds; most of the time is two processes importing torch,
+    # TransformerLens and sae-lens at once (20-40 s on a loaded 2-core machine)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
 
 
 def test_two_gloo_processes_equal_a_single_process_run_bit_for_bit(tmp_path):
@@ -73,7 +75,12 @@ def test_two_gloo_processes_equal_a_single_process_run_bit_for_bit(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert (tmp_path / "rank0.safetensors.rank1").read_text() == "none"
     base, tuned, sae, prompts = setup()
-    reference = run_diff(base, tuned, sae, prompts)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = run_diff(base, tuned, sae, prompts)
+    finally:
+        torch.set_num_threads(threads)
     assert_same_tensors(diff_tensors(reference), load_file(str(out)))
 
 
