@@ -29,7 +29,7 @@ from modeldiff import (
     tokenize_prompts,
 )
 from modeldiff.errors import FileFormatError, ModeldiffError
-from modeldiff.evals import screen_latents
+from modeldiff.evals import EvalResult, evaluate, screen_latents
 from modeldiff.interventions import InterventionError
 from modeldiff.saes import SAEError
 from modeldiff.stats import SiteStats
@@ -244,6 +244,32 @@ CATALOGUE = [
         OSError,
         r"plain\.txt' is a file, not a folder",
     ),
+    (
+        "evalresult-load-random-bytes",
+        lambda c: lambda: EvalResult.load(c.file(b"\xff\xfe\x00 not json", name="r.json")),
+        FileFormatError,
+        r"r\.json' cannot be read as an EvalResult file",
+    ),
+    (
+        "evalresult-load-json-cut-short",
+        lambda c: (
+            lambda: EvalResult.load(
+                c.file(b'{"format": "modeldiff.EvalResult", "rec', name="r.json")
+            )
+        ),
+        FileFormatError,
+        r"cannot be read as an EvalResult file.*damaged, cut short",
+    ),
+    (
+        "evalresult-load-fields-missing",
+        lambda c: (
+            lambda: EvalResult.load(
+                c.file(b'{"format": "modeldiff.EvalResult", "version": 1}', name="r.json")
+            )
+        ),
+        FileFormatError,
+        r"cannot be read as an EvalResult file .*\('records'\)",
+    ),
     # -- crashes, now errors ---------------------------------------------------------------------
     (
         "token-id-beyond-vocab-capture",
@@ -454,3 +480,51 @@ def test_saves_clean_up_after_killed_writers_and_honour_the_umask(ht, tmp_path, 
     assert (target.stat().st_mode & 0o777) == 0o640
     assert fsyncs, "the data reached the disk before the rename"
     assert LatentDiff.load(target).top(1)[0].latent == d.top(1)[0].latent
+
+
+def test_evaluate_warns_when_every_judge_reply_is_invalid():
+    from modeldiff.evals.answers import Answer
+    from modeldiff.evals.judges import Judgment
+
+    class Garbage:
+        def judge(self, pairs, *, progress=True):
+            return [
+                Judgment(None, None, detail={"error": "malformed reply: no choices"}) for _ in pairs
+            ]
+
+    answers = [Answer("wish", 0, i, "What is your wish?", "Peace.") for i in range(3)]
+    with pytest.warns(
+        UserWarning, match=r"every one of the 3 judge replies was invalid \(3 x malformed reply"
+    ):
+        res = evaluate(
+            None, "headline", judge=Garbage(), answers=answers, calibration="off", progress=False
+        )
+    assert res.overall.misalignment_rate is None
+
+
+def test_a_judge_server_that_never_answers_fails_within_max_wait():
+    import time
+
+    from modeldiff.evals import HTTPJudge
+    from modeldiff.evals.judges import JudgeError
+    from test_evals_http_judge import StubServer, completion
+
+    def hang(req, n):
+        time.sleep(3.0)
+        return 200, {}, completion("50", {"50": 0.0})
+
+    with StubServer(hang) as server:
+        judge = HTTPJudge(
+            "stub",
+            base_url=server.url,
+            api_key="k",
+            timeout=0.3,
+            max_retries=5,
+            backoff=0.05,
+            max_wait=1.0,
+            max_concurrency=1,
+        )
+        start = time.monotonic()
+        with pytest.raises(JudgeError, match=r"did not answer within max_wait=1 s"):
+            judge.judge([("q", "a")], progress=False)
+        assert time.monotonic() - start < 2.5  # not timeout x 6 retries plus back-off

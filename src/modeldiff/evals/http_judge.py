@@ -74,6 +74,9 @@ class HTTPJudge:
         backoff: first retry delay in seconds; doubles each retry (with jitter), capped at
             ``max_backoff``; a server's ``Retry-After`` header is honoured within that cap.
         timeout: seconds per request.
+        max_wait: seconds one answer's request may take in all, retries and back-off included
+            (default 180): a server that accepts connections but never answers fails after that,
+            not after ``timeout x (max_retries + 1)`` plus back-off (about 6 minutes).
         cache: path of an sqlite file (or a :class:`JudgeCache`) for raw replies; ``None`` = none.
         max_tokens: reply length for the rubric scoring.
 
@@ -98,6 +101,7 @@ class HTTPJudge:
         timeout: float = 60.0,
         cache: str | Path | JudgeCache | None = None,
         max_tokens: int = 512,
+        max_wait: float = 180.0,
     ) -> None:
         try:
             import openai
@@ -129,6 +133,9 @@ class HTTPJudge:
             api_key = "not-needed"  # vLLM / Ollama / LM Studio accept any key
         if max_concurrency < 1 or max_retries < 0:
             raise ArgumentError("max_concurrency must be >= 1 and max_retries >= 0")
+        if not (isinstance(max_wait, (int, float)) and max_wait > 0):
+            raise ArgumentError(f"max_wait must be a positive number of seconds, got {max_wait!r}")
+        self.max_wait = float(max_wait)
         self.model = model
         self.base_url = base_url
         self.scoring: Scoring = scoring
@@ -138,6 +145,7 @@ class HTTPJudge:
         self.min_mass = min_mass
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
+        self.timeout = float(timeout)
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_tokens = max_tokens
@@ -311,6 +319,7 @@ class HTTPJudge:
             kwargs.update(
                 max_tokens=NUMBER_TOKENS, logprobs=True, top_logprobs=TOP_LOGPROBS, seed=0
             )
+        started = time.monotonic()
         for attempt in range(self.max_retries + 1):
             if self._abort.is_set():
                 raise JudgeError("judging was aborted after another request failed")
@@ -344,6 +353,14 @@ class HTTPJudge:
             delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
             if retry_after is not None:
                 delay = min(self.max_backoff, max(delay, retry_after))
+            waited = time.monotonic() - started
+            if waited + delay + self.timeout > self.max_wait:
+                raise JudgeError(
+                    f"the judge at {self.base_url or 'OpenAI'} did not answer within max_wait="
+                    f"{self.max_wait:.0f} s ({attempt + 1} attempts, last: {type(error).__name__}: "
+                    f"{_short(str(error))}). Check that the server is up and answering, or raise "
+                    "max_wait / timeout for a slow judge."
+                ) from error
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 

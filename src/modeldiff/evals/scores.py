@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_json_atomic
-from ..errors import ArgumentError, ArgumentTypeError
+from ..errors import ArgumentError, ArgumentTypeError, damaged_file
 from .answers import Answer, generate_answers
 from .calibration import Calibration
 from .judges import Judge, JudgeError, Judgment, judge_stamp, prompt_hash, stamp_differences
@@ -303,9 +303,18 @@ class EvalResult:
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
-        """Read a file written by :meth:`save`."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a file written by :meth:`save` (a damaged file raises ``FileFormatError``)."""
+        from ..errors import reading
+
+        with reading(path, "an EvalResult file (JSON written by EvalResult.save)"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            try:
+                return cls.from_dict(data)
+            except (KeyError, TypeError, AttributeError) as err:
+                raise damaged_file(
+                    path, "an EvalResult file (JSON written by EvalResult.save)", err
+                ) from err
 
     # -- display --------------------------------------------------------------------------------
 
@@ -512,8 +521,24 @@ def evaluate(
             qid: {name: prompt_hash(t) for name, t in sorted(p.items())} for qid, p in own.items()
         }
     if model is not None:
-        meta["model"] = str(
-            getattr(getattr(model, "cfg", None), "model_name", type(model).__name__)
+        from ..adapters import AdapterError, adapter_for
+
+        try:
+            meta["model"] = adapter_for(model).model_name or type(model).__name__
+        except AdapterError:  # a stand-in object (tests, scripted answers)
+            meta["model"] = type(model).__name__
+    if judged and not any(j.valid for j in judged):
+        reasons: dict[str, int] = {}
+        for j in judged:
+            why = j.label or str(j.detail.get("error") or "no score")
+            reasons[why[:80]] = reasons.get(why[:80], 0) + 1
+        top = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        warnings.warn(
+            f"every one of the {len(judged)} judge replies was invalid ({top}), so the rates are "
+            "n/a: the judge could not score these answers. Check the judge (its calibration, its "
+            "model, the server's logprobs) before reading anything into this result.",
+            UserWarning,
+            stacklevel=2,
         )
     return EvalResult(tuple(records), aligned_below, coherent_above, meta)
 
