@@ -58,11 +58,24 @@ from .evals import (
     screen_latents,
 )
 
+# Directions without an SAE (persona vectors)
+from .persona import (
+    DatasetScreen,
+    MeanDifference,
+    ProjectionShift,
+    ScreenedExample,
+    SiteDirection,
+    mean_difference,
+    projection_shift,
+    screen_dataset,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Ablate",
     "CaptureBatch",
+    "DatasetScreen",
     "DirectionError",
     "EvalResult",
     "GenerationError",
@@ -73,13 +86,17 @@ __all__ = [
     "LatentDiff",
     "LatentRecord",
     "LocalJudge",
+    "MeanDifference",
     "ProjectOut",
+    "ProjectionShift",
     "PromptError",
     "ResidualDiff",
     "SAEError",
+    "ScreenedExample",
     "Site",
     "SiteError",
     "SiteStats",
+    "SiteDirection",
     "limit_heap_growth",
     "Steer",
     "SweepResult",
@@ -103,12 +120,15 @@ __all__ = [
     "load_model",
     "load_questions",
     "load_sae",
+    "mean_difference",
     "median_residual_norm",
     "model_kind",
     "project_out",
+    "projection_shift",
     "register_ranking",
     "resolve_direction",
     "screen_latents",
+    "screen_dataset",
     "steer",
     "save_model",
     "sweep",
