@@ -16,21 +16,24 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from .._hooks import HookFn, HookHandle, Hooks, StopForward
-from ..errors import ArgumentError, ModeldiffError
+from ..errors import ArgumentError, ModeldiffError, UnsupportedError
 from ..sites import KINDS, Site, SiteError
 
 __all__ = [
     "AdapterError",
     "DecodeState",
     "ModelAdapter",
+    "NormFold",
     "adapter_for",
+    "probe_norm",
     "register_adapter",
     "registered_adapters",
 ]
@@ -55,6 +58,154 @@ class DecodeState:
 
     def __init__(self, cache: Any = None) -> None:
         self.cache = cache
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """What the final norm does to a *direction* before the unembedding reads it.
+
+    A final norm computes ``scale ⊙ P(x) / r(x) + bias``: ``P`` centres ``x`` (LayerNorm) or
+    leaves it (RMSNorm), ``r(x) > 0`` is one number per token and ``scale`` is the stored weight
+    ``γ`` (Gemma-style RMSNorm stores ``w`` and scales by ``1 + w``: ``offset``). A direction ``d``
+    added to the residual moves the logits along ``W_U^T (scale ⊙ P(d))``; ``r`` only rescales
+    them all by one positive number and the bias terms do not depend on ``d``, so both are left out.
+
+    Example:
+        >>> import torch
+        >>> fold = NormFold("layernorm", torch.tensor([2.0, 1.0]), offset=False, where="ln_f")
+        >>> fold.apply(torch.tensor([3.0, 1.0]))
+        tensor([ 2., -1.])
+        >>> fold.describe()
+        'ln_f: LayerNorm, folded as γ⊙(d − mean d)'
+    """
+
+    kind: Literal["rms", "layernorm", "none"]
+    scale: Tensor | None  # the effective elementwise scale (1 + w for offset norms); None: ones
+    offset: bool = False
+    where: str = ""
+
+    def apply(self, direction: Float[Tensor, "*n d_model"]) -> Float[Tensor, "*n d_model"]:
+        """``scale ⊙ P(direction)`` in float32."""
+        d = direction.float()
+        if self.kind == "layernorm":
+            d = d - d.mean(-1, keepdim=True)
+        if self.scale is not None:
+            d = d * self.scale.detach().float().to(d.device)
+        return d
+
+    def describe(self) -> str:
+        """One line naming the norm and the rule used, for result tables."""
+        if self.kind == "none":
+            return f"{self.where or 'no final norm'}: nothing to fold"
+        if self.kind == "layernorm":
+            rule = "(1+w)⊙(d − mean d)" if self.offset else "γ⊙(d − mean d)"
+            name = "LayerNorm"
+        else:
+            rule = "(1+w)⊙d" if self.offset else "γ⊙d"
+            name = "Gemma-style RMSNorm" if self.offset else "RMSNorm"
+        if self.scale is None:
+            rule = "d − mean d" if self.kind == "layernorm" else "d"
+            name += " without weights"
+        return f"{self.where}: {name}, folded as {rule}"
+
+
+_WEIGHT_NAMES = ("weight", "w", "scale", "gamma", "g")
+_BIAS_NAMES = ("bias", "b", "beta")
+_EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
+
+
+def _vector_attr(module: Any, names: Sequence[str], size: int | None) -> Tensor | None:
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, Tensor) and v.ndim == 1 and (size is None or v.numel() == size):
+            return v
+    return None
+
+
+def probe_norm(
+    module: Any,
+    *,
+    d_model: int,
+    where: str = "final norm",
+    device: torch.device | None = None,
+) -> NormFold:
+    """Work out which norm ``module`` is by checking its output against each known form.
+
+    The stored weight (``weight`` / ``w`` / ...) and bias are read from the module; the forms
+    tried are RMSNorm and LayerNorm, each with the weight used as it is or as ``1 + w`` (Gemma).
+    The one whose prediction matches ``module(x)`` on a random probe is returned, so a family's
+    convention never has to be listed by name. ``None`` or ``nn.Identity`` means no norm.
+
+    Example:
+        >>> import torch
+        >>> ln = torch.nn.LayerNorm(8)
+        >>> probe_norm(ln, d_model=8, where="ln_f").kind
+        'layernorm'
+    """
+    if module is None or isinstance(module, torch.nn.Identity):
+        return NormFold("none", None, where=where if module is not None else "")
+    weight = _vector_attr(module, _WEIGHT_NAMES, d_model)
+    bias = _vector_attr(module, _BIAS_NAMES, d_model)
+    eps = 1e-5
+    for n in _EPS_NAMES:
+        v = getattr(module, n, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            eps = float(v)
+            break
+    ref = weight if weight is not None else next(iter(_params(module)), None)
+    dtype = ref.dtype if isinstance(ref, Tensor) and ref.is_floating_point() else torch.float32
+    dev = ref.device if isinstance(ref, Tensor) else (device or torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    # a non-zero mean tells RMSNorm from LayerNorm; a norm of ~3 per entry makes eps negligible
+    x = torch.randn(1, 4, d_model, generator=gen) * 3.0 + 0.7
+    try:
+        with torch.no_grad():
+            y = module(x.to(device=dev, dtype=dtype))
+    except Exception as err:
+        raise UnsupportedError(
+            f"cannot probe the final norm {where} ({type(module).__name__}): {err}. Pass "
+            "fold_norm=False to read the unembedding without it."
+        ) from err
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    y = y.detach().float().cpu()
+    x = x.to(dtype).float()
+    w = None if weight is None else weight.detach().float().cpu()
+    b = None if bias is None else bias.detach().float().cpu()
+    forms: list[tuple[str, Tensor | None, bool]] = []
+    for kind in ("rms", "layernorm"):
+        if w is None:
+            forms.append((kind, None, False))
+        else:
+            forms += [(kind, w, False), (kind, 1.0 + w, True)]
+    best: tuple[float, str, Tensor | None, bool] | None = None
+    for kind, scale, offset in forms:
+        p = x - x.mean(-1, keepdim=True) if kind == "layernorm" else x
+        pred = p / (p.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        if scale is not None:
+            pred = pred * scale
+        if b is not None:
+            pred = pred + b
+        err = float((pred - y).abs().max() / y.abs().max().clamp_min(1e-12))
+        if best is None or err < best[0]:
+            best = (err, kind, scale, offset)
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+    assert best is not None
+    if not best[0] < tol:
+        raise UnsupportedError(
+            f"the final norm {where} ({type(module).__name__}) is none of the forms modeldiff "
+            "folds into a direction (RMSNorm γ⊙x/rms, Gemma's (1+w)⊙x/rms, LayerNorm "
+            f"γ⊙(x − mean)/std + β; closest misses by {best[0]:.2g}). Pass fold_norm=False to "
+            "read the unembedding without it, or fold the norm into the direction yourself."
+        )
+    _, kind, scale, offset = best
+    if scale is not None:
+        scale = scale.to(dev)
+    return NormFold(kind, scale, offset=offset, where=where)  # type: ignore[arg-type]
+
+
+def _params(module: Any) -> list[Tensor]:
+    params = getattr(module, "parameters", None)
+    return list(params()) if callable(params) else []
 
 
 class ModelAdapter:
@@ -246,6 +397,55 @@ class ModelAdapter:
         tokens = torch.cat([tokens, new_tokens], dim=1)
         state.cache = (tokens, attention_mask)
         return self.logits(tokens, attention_mask)[:, -1:]
+
+    # -- reading directions through the unembedding -------------------------------------------
+    def final_norm(self) -> tuple[Any, str]:
+        """The module applied to the last residual stream before the unembedding, and its name.
+
+        ``(None, "")`` when the model has none. Override with :meth:`unembedding_weight` to give
+        a family :meth:`unembed_direction` (and so :func:`modeldiff.logit_lens`).
+        """
+        raise UnsupportedError(
+            f"the {self.name} adapter does not say where {type(self.model).__name__}'s final norm "
+            "is; implement final_norm() and unembedding_weight() on its adapter (docs/adapters.md)."
+        )
+
+    def unembedding_weight(self) -> Float[Tensor, "d_model vocab"]:
+        """The unembedding matrix ``W_U`` (residual → logits), as stored (a view, no copy)."""
+        raise UnsupportedError(
+            f"the {self.name} adapter does not expose {type(self.model).__name__}'s unembedding; "
+            "implement unembedding_weight() and final_norm() on its adapter (docs/adapters.md)."
+        )
+
+    def final_norm_fold(self) -> NormFold:
+        """How the final norm acts on a direction (found by probing it: see :func:`probe_norm`)."""
+        module, where = self.final_norm()
+        return probe_norm(module, d_model=self.d_model, where=where, device=self.input_device)
+
+    def unembed_direction(
+        self, direction: Float[Tensor, "*n d_model"], *, fold_norm: bool = True
+    ) -> Float[Tensor, "*n vocab"]:
+        """The logits a residual-stream direction writes: ``W_U^T (scale ⊙ P(d))``.
+
+        The final norm's elementwise scale is folded into the direction (RMSNorm ``γ⊙d``,
+        Gemma-style ``(1+w)⊙d``, LayerNorm ``γ⊙(d − mean d)``; see :class:`NormFold`); the
+        norm's bias, the unembedding bias, the per-token ``1/rms`` and any logit soft-cap or
+        scale are left out (none depends on the direction's orientation). Where weights were
+        processed (TransformerLens' folded norms, centred unembedding) the fold is already in
+        ``W_U`` and the logits are centred over the vocabulary. Returns float32 on ``W_U``'s device.
+
+        Example:
+            >>> import torch
+            >>> from modeldiff.testing import tiny_hooked_transformer
+            >>> a = adapter_for(tiny_hooked_transformer())
+            >>> a.unembed_direction(torch.zeros(64)).shape == (a.d_vocab,)
+            True
+        """
+        w_u = self.unembedding_weight()
+        fold = self.final_norm_fold() if fold_norm else NormFold("none", None)
+        x = fold.apply(torch.as_tensor(direction).to(w_u.device))
+        # W_U is read in its own dtype: a float32 copy of a large half-precision vocabulary is GBs
+        return (x.to(w_u.dtype) @ w_u).float()
 
     def forward_hooks_for_tracking(self, on_forward: Callable[..., None]) -> list[Any]:
         """Install what lets interventions learn the token positions of forwards they did not start.

@@ -64,6 +64,18 @@ class _LensAdapter(ModelAdapter):
             return self.model(tokens)
         return self.model(tokens, attention_mask=attention_mask)
 
+    def unembedding_weight(self) -> Tensor:
+        # processed weights (folded norms, centred unembedding) are what W_U holds then
+        return self.model.W_U
+
+    def final_norm(self) -> tuple[Any, str]:
+        ln = getattr(self.model, "ln_final", None)
+        if ln is None:
+            return None, ""
+        # on the Bridge, the transformers module it wraps (what runs; folding resets its weight)
+        inner = getattr(ln, "original_component", None)
+        return (ln if inner is None else inner), "ln_final"
+
 
 @register_adapter
 class BridgeAdapter(_LensAdapter):

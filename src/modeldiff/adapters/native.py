@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._hooks import HookFn, HookHandle
+from ..errors import UnsupportedError
 from ..sites import KINDS, Site
 from .base import AdapterError, DecodeState, ModelAdapter, register_adapter
 
@@ -50,6 +51,20 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 # Families whose attention and MLP both read resid_pre: resid_mid does not exist there.
 _PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn", "parallel_block")
 _PARALLEL_TYPES = {"gptj", "codegen", "phi", "cohere", "cohere2"}
+# Names of the norm after the last decoder layer, looked up beside the layer list, then on the root.
+_FINAL_NORM_NAMES = (
+    "norm",
+    "ln_f",
+    "final_layer_norm",
+    "final_layernorm",
+    "final_norm",
+    "norm_f",
+    "ln_final",
+    "layer_norm",
+    "final_ln",
+    "ln_out",
+)
+_HEAD_NAMES = ("lm_head", "unembed", "embed_out", "output", "head")
 
 LayerSpec = str | Callable[[nn.Module], Sequence[nn.Module]] | None
 
@@ -536,6 +551,60 @@ class NativeAdapter(ModelAdapter):
             return _replace_first(out, point(_first_tensor(out)))
 
         return sub.register_forward_hook(mlp_hook)
+
+    # -- the unembedding ------------------------------------------------------------------------
+    def final_norm(self) -> tuple[Any, str]:
+        """The norm beside the decoder-layer list (``model.norm``, ``transformer.ln_f``, ...).
+
+        Set ``model.modeldiff_final_norm`` to a module path (or ``""`` for none) where the name
+        is not a conventional one.
+        """
+        given = getattr(self.model, "modeldiff_final_norm", None)
+        if isinstance(given, nn.Module):
+            return given, type(given).__name__
+        if isinstance(given, str):
+            if not given:
+                return None, ""
+            found = _get_path(self.model, given)
+            if not isinstance(found, nn.Module):
+                raise AdapterError(
+                    f"modeldiff_final_norm={given!r}: {type(self.model).__name__} has no module there"
+                )
+            return found, given
+        parent = self.layers_path.rpartition(".")[0] if "." in self.layers_path else ""
+        for prefix in dict.fromkeys((parent, "")):
+            holder = _get_path(self.model, prefix) if prefix else self.model
+            for name in _FINAL_NORM_NAMES:
+                m = getattr(holder, name, None) if holder is not None else None
+                if isinstance(m, nn.Module) and not isinstance(m, nn.ModuleList):
+                    return m, f"{prefix}.{name}" if prefix else name
+        raise UnsupportedError(
+            f"cannot find the final norm of {type(self.model).__name__} (looked for "
+            f"{', '.join(_FINAL_NORM_NAMES)} beside {self.layers_path!r}). Name it: "
+            "model.modeldiff_final_norm = '<path>' ('' if the model has none), or pass "
+            "fold_norm=False."
+        )
+
+    def unembedding_weight(self) -> Tensor:
+        head = None
+        get = getattr(self.model, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                head = get()
+            except (NotImplementedError, AttributeError):
+                head = None
+        if head is None:
+            head = next(
+                (getattr(self.model, n) for n in _HEAD_NAMES if hasattr(self.model, n)), None
+            )
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[1] != self.d_model:
+            raise UnsupportedError(
+                f"cannot find the unembedding of {type(self.model).__name__}: no "
+                "get_output_embeddings() nor lm_head with a [vocab, d_model] weight. Compute the "
+                "logits yourself: (direction @ W_U)."
+            )
+        return weight.T  # transformers stores [vocab, d_model]
 
     # -- running --------------------------------------------------------------------------------
     def _call(self, tokens: Tensor, attention_mask: Tensor | None, **extra: Any) -> Any:
