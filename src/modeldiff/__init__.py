@@ -27,6 +27,17 @@ from .config import TokenSelection, Uncertainty
 from .attribution import attribution_diff
 from .memory import limit_heap_growth
 
+# Understanding latents ("What is this latent?")
+from .interpret import (
+    ActivationExample,
+    LogitLens,
+    TokenLogit,
+    TopActivations,
+    activation_histogram,
+    logit_lens,
+    top_activations,
+)
+
 # Interventions and generation
 from .directions import DirectionError, resolve_direction
 from .interventions import (
@@ -74,6 +85,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Ablate",
+    "ActivationExample",
     "CaptureBatch",
     "DatasetScreen",
     "DirectionError",
@@ -86,6 +98,7 @@ __all__ = [
     "LatentDiff",
     "LatentRecord",
     "LocalJudge",
+    "LogitLens",
     "MeanDifference",
     "ProjectOut",
     "ProjectionShift",
@@ -100,11 +113,14 @@ __all__ = [
     "limit_heap_growth",
     "Steer",
     "SweepResult",
+    "TokenLogit",
     "TokenSelection",
     "TokenizedPrompt",
+    "TopActivations",
     "Uncertainty",
     "__version__",
     "ablate",
+    "activation_histogram",
     "attribution_diff",
     "capture",
     "check_compatible",
@@ -120,6 +136,7 @@ __all__ = [
     "load_model",
     "load_questions",
     "load_sae",
+    "logit_lens",
     "mean_difference",
     "median_residual_norm",
     "model_kind",
@@ -133,4 +150,5 @@ __all__ = [
     "save_model",
     "sweep",
     "tokenize_prompts",
+    "top_activations",
 ]
