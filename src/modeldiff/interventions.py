@@ -666,31 +666,46 @@ def steer(
 
 @dataclass(frozen=True, eq=False)
 class ProjectOut(Intervention):
-    """Remove the component along ``direction`` at ``site``; build it with :func:`project_out`.
+    """Remove the component along ``direction`` (or in a subspace) at ``site``; build it with
+    :func:`project_out`.
+
+    ``basis`` holds orthonormal rows spanning what is removed (one row, ``direction``, for a
+    single direction).
 
     Example:
         >>> import torch
         >>> from modeldiff.testing import tiny_hooked_transformer
         >>> project_out(tiny_hooked_transformer(), torch.ones(64), site="resid_pre:1")
-        ProjectOut(site=Site.resid_pre(1), positions='all')
+        ProjectOut(site=Site.resid_pre(1), positions='all', rank=1)
     """
 
     model: Any = field(repr=False)
     direction: Float[Tensor, " d_model"] = field(repr=False)
     site: Site
     positions: PositionSpec = "all"
-    _unit: _CastCache = field(init=False, repr=False, compare=False)
+    basis: Float[Tensor, "k d_model"] | None = field(default=None, repr=False)
+    _basis: _CastCache = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_unit", _CastCache(self.direction))
+        basis = self.basis if self.basis is not None else self.direction.unsqueeze(0)
+        object.__setattr__(self, "basis", basis)
+        object.__setattr__(self, "_basis", _CastCache(basis))
+
+    @property
+    def rank(self) -> int:
+        """The dimension of the subspace removed."""
+        return int(self.basis.shape[0])  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return f"ProjectOut(site={self.site!r}, positions={self.positions!r}, rank={self.rank})"
 
     def _hooks_for(self, model: Any, tracker: _PositionTracker | None) -> list:
         site = _site_of(model, self.site)
-        unit, spec = self._unit, self.positions
+        basis, spec = self._basis, self.positions
 
         def hook(x: Tensor, hook: Any) -> Tensor:
-            u = unit.like(x)
-            removed = (x @ u).unsqueeze(-1) * u
+            b = basis.like(x)
+            removed = (x @ b.T) @ b
             mask = _position_mask(spec, x, tracker)
             if mask is not None:
                 removed = removed * mask.unsqueeze(-1).to(x.dtype)
@@ -699,12 +714,27 @@ class ProjectOut(Intervention):
         return [(site.hook_name, hook)]
 
 
+def _orthonormal_rows(rows: Tensor) -> Tensor:
+    """Orthonormal rows spanning the rows given (numerically dependent ones dropped)."""
+    a = rows.detach().double()
+    if not bool(torch.isfinite(a).all()):
+        raise InterventionError("the subspace contains NaN or inf entries; check how it was computed")
+    _u, sv, vh = torch.linalg.svd(a, full_matrices=False)
+    if sv.numel() == 0 or float(sv[0]) == 0.0:
+        raise InterventionError("cannot project out a zero subspace; pass non-zero directions")
+    keep = sv > sv[0] * 1e-6
+    return vh[keep].to(rows.dtype if rows.is_floating_point() else torch.float32)
+
+
 def project_out(
     model: Any, direction: Any, *, site: Site | str | None = None, positions: PositionSpec = "all"
 ) -> ProjectOut:
     """Directional ablation: remove the component of the activation at ``site`` along ``direction``.
 
     ``x ← x − (x·u) u`` with ``u`` the unit direction, at every token (or only at ``positions``).
+    ``direction`` may also span a subspace: a :class:`~modeldiff.latent_sets.LatentSet` (the span
+    of its decoder rows) or a 2-D tensor whose rows span it; then ``x ← x − P x`` with ``P`` the
+    orthogonal projection onto that span.
 
     Example:
         >>> import torch
@@ -720,8 +750,25 @@ def project_out(
         True
     """
     site_ = _site_of(model, site, direction)
-    vec = resolve_direction(direction, d_model=_d_model(model), normalize=True)
-    return ProjectOut(model=model, direction=vec, site=site_, positions=_check_positions(positions))
+    positions = _check_positions(positions)
+    d_model = _d_model(model)
+    rows = None
+    if hasattr(direction, "as_subspace") and callable(direction.as_subspace):
+        rows = torch.as_tensor(direction.as_subspace())
+    elif isinstance(direction, Tensor) and direction.ndim == 2:
+        rows = direction
+    if rows is not None:
+        if rows.ndim != 2 or rows.shape[1] != d_model or rows.shape[0] == 0:
+            raise InterventionError(
+                f"a subspace to project out is a [k, d_model={d_model}] stack of directions, got "
+                f"shape {tuple(rows.shape)}; build it at this model's site"
+            )
+        basis = _orthonormal_rows(rows)
+        return ProjectOut(
+            model=model, direction=basis[0], site=site_, positions=positions, basis=basis
+        )
+    vec = resolve_direction(direction, d_model=d_model, normalize=True)
+    return ProjectOut(model=model, direction=vec, site=site_, positions=positions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -895,7 +942,7 @@ def _means_from(means: Any, latents: tuple[int, ...], d_sae: int) -> Tensor:
 def ablate(
     model: Any,
     sae: Any,
-    latents: int | Sequence[int] | Tensor,
+    latents: int | Sequence[int] | Tensor | None = None,
     *,
     mode: Literal["zero", "mean", "clamp"] = "zero",
     value: float | Sequence[float] | None = None,
@@ -912,6 +959,9 @@ def ablate(
     mean activation, from ``means`` (a ``d_sae`` vector, one value per latent, or a ``LatentDiff``
     whose base means are used) or measured now on ``calibration_prompts``; ``mode="clamp"`` targets
     ``value`` (one number or one per latent; large values steer positively).
+
+    ``sae`` may be a :class:`~modeldiff.latent_sets.LatentSet` instead (``ablate(model, s)``): its
+    SAE, latents and site are used.
 
     Example:
         >>> import torch
@@ -930,6 +980,20 @@ def ablate(
         >>> same, changed
         (True, True)
     """
+    from .latent_sets import LatentSet
+
+    if isinstance(sae, LatentSet):
+        if latents is not None:
+            raise InterventionError(
+                "pass either a LatentSet or an SAE with latents, not both: ablate(model, latent_set)"
+            )
+        if site is None:
+            site = sae.site
+        sae, latents = sae.sae, list(sae.latents)
+    elif latents is None:
+        raise InterventionError(
+            "which latents? pass ablate(model, sae, [latents]) or ablate(model, LatentSet(...))"
+        )
     d_model, d_in, d_sae = _d_model(model), sae_d_in(sae), sae_d_sae(sae)
     broken = nonfinite_parameters(sae)
     if broken:

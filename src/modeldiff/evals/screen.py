@@ -167,14 +167,15 @@ class JudgeScorer:
 
 @dataclass(frozen=True)
 class ScreenRow:
-    """Causal effects of steering one latent.
+    """Causal effects of steering one latent (or one set of latents: ``latent`` is then the
+    tuple of its latents, steered together along the set's direction).
 
     ``induce_curve`` / ``repair_curve`` hold ``(coefficient, misalignment, incoherence)`` for every
     coefficient tried, in order; the chosen coefficient is the largest within budget (``None`` if
     even the smallest broke it, with effect 0).
     """
 
-    latent: int
+    latent: int | tuple[int, ...]
     rank: int | None
     induce_effect: float
     induce_coefficient: float | None
@@ -187,6 +188,18 @@ class ScreenRow:
     def effect(self) -> float:
         """Ranking key: the mean of the induce and repair effects."""
         return (self.induce_effect + self.repair_effect) / 2
+
+    @property
+    def name(self) -> str:
+        """``#12`` for a latent, ``{3, 5, 9}`` for a set: how tables and plots name the row."""
+        if isinstance(self.latent, tuple):
+            return "{" + ", ".join(str(i) for i in self.latent) + "}"
+        return f"#{self.latent}"
+
+
+def _sort_key(r: ScreenRow) -> tuple:
+    lat = r.latent if isinstance(r.latent, tuple) else (r.latent,)
+    return (-r.effect, len(lat), lat)
 
 
 @dataclass(frozen=True)
@@ -210,7 +223,7 @@ class ScreenResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        ordered = tuple(sorted(self.rows, key=lambda r: (-r.effect, r.latent)))
+        ordered = tuple(sorted(self.rows, key=_sort_key))
         object.__setattr__(self, "rows", ordered)
 
     def top(self, k: int = 10) -> list[ScreenRow]:
@@ -238,6 +251,8 @@ class ScreenResult:
             r = dict(r)
             for key in ("induce_curve", "repair_curve"):
                 r[key] = tuple(tuple(x) for x in r[key])
+            if isinstance(r["latent"], list):  # a set of latents
+                r["latent"] = tuple(int(i) for i in r["latent"])
             return ScreenRow(**r)
 
         return cls(
@@ -260,7 +275,7 @@ class ScreenResult:
             return cls.from_dict(json.load(f))
 
     def __repr__(self) -> str:
-        best = ", ".join(f"#{r.latent}: {r.effect:+.3f}" for r in self.rows[:3])
+        best = ", ".join(f"{r.name}: {r.effect:+.3f}" for r in self.rows[:3])
         return (
             f"ScreenResult({len(self.rows)} latents at {self.site}; base "
             f"{self.base_score.misalignment:.3f}, fine-tuned {self.finetuned_score.misalignment:.3f};"
@@ -272,7 +287,7 @@ class ScreenResult:
             return "–" if x is None else f"{x:g}"
 
         rows = "".join(
-            f"<tr><td>{i + 1}</td><td>{r.latent}</td><td>{fmt(r.rank)}</td>"
+            f"<tr><td>{i + 1}</td><td>{html.escape(r.name)}</td><td>{fmt(r.rank)}</td>"
             f"<td>{r.induce_effect:+.3f}</td><td>{fmt(r.induce_coefficient)}</td>"
             f"<td>{r.repair_effect:+.3f}</td><td>{fmt(r.repair_coefficient)}</td>"
             f"<td>{r.effect:+.3f}</td></tr>"
@@ -283,7 +298,8 @@ class ScreenResult:
             f"{self.base_score.misalignment:.3f}, fine-tuned {self.finetuned_score.misalignment:.3f};"
             f" coefficients in units of the median residual norm ({self.unit:.3g}); incoherence "
             f"budget {self.incoherence_budget:.0%}</p><table><tr><th>#</th><th>latent</th>"
-            "<th>diff rank</th><th>induce</th><th>c</th><th>repair</th><th>c</th><th>mean</th>"
+            "<th>diff rank</th><th>induce</th><th>induce c</th><th>repair</th><th>repair c</th>"
+            "<th>mean</th>"
             f"</tr>{rows}</table>"
         )
 
@@ -292,7 +308,7 @@ class ScreenResult:
         import plotly.graph_objects as go
 
         rows = self.rows[:k]
-        names = [f"#{r.latent}" for r in rows]
+        names = [r.name for r in rows]
         fig = go.Figure(
             [
                 go.Bar(
@@ -327,7 +343,7 @@ def screen_latents(
     diff: Any | None = None,
     *,
     k: int = 10,
-    latents: Sequence[int] | None = None,
+    latents: Sequence[Any] | None = None,
     coefficients: Sequence[float] = (0.1, 0.2, 0.4, 0.8),
     incoherence_budget: float = 0.10,
     scorer: Scorer | None = None,
@@ -343,7 +359,9 @@ def screen_latents(
         base, finetuned: the two models (TransformerLens, same architecture).
         sae: the SAE whose decoder rows are steered (an sae-lens SAE, trained at ``site``).
         diff: a :class:`~modeldiff.diff.LatentDiff`; its top ``k`` latents are screened.
-        latents: explicit latent indices instead of ``diff``'s top ``k``.
+        latents: explicit candidates instead of ``diff``'s top ``k``: latent indices and/or
+            :class:`~modeldiff.latent_sets.LatentSet` s, a set steered as one candidate along
+            its (unit-normalised) direction ``Σ w_i W_dec[i]``.
         coefficients: strengths tried, in units of ``unit``; tried in increasing order, stopping
             at the first that breaks the budget.
         incoherence_budget: the largest acceptable incoherence of a steered model (or the
@@ -396,21 +414,33 @@ def screen_latents(
     d_sae = sae_d_sae(sae)
     if diff is not None:
         diff.check_sae(sae)  # the diff's latent numbers must name this SAE's latents
-    ranks: dict[int, int | None] = {}
+    from ..latent_sets import LatentSet
+
+    # candidates: (key, direction, diff rank)
+    cands: list[tuple[int | tuple[int, ...], Any, int | None]] = []
     if latents is None:
         if diff is None:
             raise ArgumentError("pass a LatentDiff (diff=...) or explicit latents=[...] to screen")
         if k < 1:
             raise ArgumentError(f"k must be >= 1, got {k}")
         for rec in diff.top(k):
-            ranks[int(rec.latent)] = int(rec.rank)
+            cands.append((int(rec.latent), sae.W_dec[int(rec.latent)], int(rec.rank)))
     else:
         for latent in latents:
+            if isinstance(latent, LatentSet):
+                if latent.sae is not sae:
+                    raise ArgumentError(
+                        f"the set {latent!r} is of another SAE than the one screened; build it "
+                        "with LatentSet(sae, ...) on this SAE"
+                    )
+                cands.append((tuple(latent.latents), latent.as_direction(), None))
+                continue
             if not 0 <= int(latent) < d_sae:
                 raise ArgumentError(
                     f"latent {latent} is out of range for an SAE with {d_sae} latents"
                 )
-            ranks[int(latent)] = diff.rank_of(int(latent)) if diff is not None else None
+            rank = diff.rank_of(int(latent)) if diff is not None else None
+            cands.append((int(latent), sae.W_dec[int(latent)], rank))
     if scorer is None:
         scorer = ContrastiveScorer("extended")
     if unit is None:
@@ -420,8 +450,8 @@ def screen_latents(
     base_score = scorer(base)
     ft_score = scorer(finetuned)
     rows = []
-    for latent in tqdm(list(ranks), desc="screening latents", disable=not progress):
-        direction = sae.W_dec[latent].detach().float()
+    for latent, raw, rank in tqdm(cands, desc="screening latents", disable=not progress):
+        direction = raw.detach().float()
         direction = direction / direction.norm().clamp_min(1e-12)
         curves = {}
         chosen: dict[str, tuple[float | None, float]] = {}
@@ -456,7 +486,7 @@ def screen_latents(
         rows.append(
             ScreenRow(
                 latent=latent,
-                rank=ranks[latent],
+                rank=rank,
                 induce_effect=chosen["induce"][1],
                 induce_coefficient=chosen["induce"][0],
                 repair_effect=chosen["repair"][1],
