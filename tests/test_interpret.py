@@ -421,3 +421,18 @@ def test_histogram_counts_every_fired_token_of_both_models(model, tuned, sae):
                                progress=False)  # fmt: skip
     assert log.layout.yaxis.type == "log" and "all tokens" in log.layout.title.text
     assert not math.isnan(sum(log.data[0].y))
+
+
+def test_the_docs_examples_on_tiny_models_run():
+    """docs/interpret.md: the blocks that need no persona-world build run as written."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "interpret.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    tiny = [b for b in blocks if "build_persona_organism" not in b and "org." not in b]
+    assert len(tiny) == 2
+    for block in tiny:
+        scope: dict = {}
+        exec(compile(block, str(doc), "exec"), scope)
+    assert scope["family"] == "gpt2"
