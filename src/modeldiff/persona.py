@@ -1023,7 +1023,9 @@ def screen_dataset(
         direction: as in :func:`projection_shift`.
         site: where to read (default: the direction's own site).
         own_responses: the model's responses, one per example; by default generated now with
-            :func:`~modeldiff.generate` (greedy unless ``temperature`` > 0, with ``seed``).
+            :func:`~modeldiff.generate` (greedy unless ``temperature`` > 0, with ``seed``). Either
+            way they are tokenized from their text exactly like the dataset's responses, so
+            passing the generated texts gives the same result.
         max_new_tokens: the length limit of generated responses.
         positions: ``"response"`` (default: every token after the prompt, a chat template's
             end-of-turn markers included) or ``"assistant"`` (only assistant-turn content).
