@@ -471,3 +471,13 @@ def test_progress_false_is_silent(tiny_ht, capsys):
     screen_dataset(tiny_ht, [("a", " b")], md[0], max_new_tokens=2, progress=False)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_the_doc_examples_run_as_written():
+    """docs/persona.md's tiny-model examples (the persona-world block needs a build; not run here)."""
+    import doctest
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "persona.md"
+    result = doctest.testfile(str(doc), module_relative=False, verbose=False)
+    assert result.attempted > 10 and result.failed == 0
