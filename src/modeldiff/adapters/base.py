@@ -495,7 +495,26 @@ def _raise_stop(x: Tensor, hook: Any) -> None:
 # ------------------------------------------------------------------------------------------------
 
 _REGISTRY: list[type[ModelAdapter]] = []
-_CACHE: weakref.WeakKeyDictionary[Any, ModelAdapter] = weakref.WeakKeyDictionary()
+# The adapter of a model is cached on the model object itself. A WeakKeyDictionary cannot hold it:
+# its value (the adapter) references its key (the model), so no model would ever be freed. On the
+# model, the pair is one reference cycle the garbage collector frees with the model.
+_ATTR = "_modeldiff_adapter"
+_CACHED: weakref.WeakSet[Any] = weakref.WeakSet()  # models holding one (for unregister_adapter)
+
+
+def _cached(model: Any) -> ModelAdapter | None:
+    d = getattr(model, "__dict__", None)
+    found = d.get(_ATTR) if isinstance(d, dict) else None
+    # a copied model (copy.deepcopy) carries a copy of the adapter: keep it only if it is its own
+    return found if found is not None and found.model is model else None
+
+
+def _cache(model: Any, adapter: ModelAdapter) -> None:
+    d = getattr(model, "__dict__", None)
+    if isinstance(d, dict):
+        d[_ATTR] = adapter
+        with contextlib.suppress(TypeError):
+            _CACHED.add(model)
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
@@ -523,9 +542,11 @@ def unregister_adapter(cls: type[ModelAdapter]) -> None:
     """Remove an adapter class registered with :func:`register_adapter` (and its cached uses)."""
     if cls in _REGISTRY:
         _REGISTRY.remove(cls)
-    for model, adapter in list(_CACHE.items()):
+    for model in list(_CACHED):
+        adapter = model.__dict__.get(_ATTR)
         if type(adapter) is cls:
-            del _CACHE[model]
+            del model.__dict__[_ATTR]
+            _CACHED.discard(model)
 
 
 def registered_adapters() -> list[str]:
@@ -534,8 +555,16 @@ def registered_adapters() -> list[str]:
 
 
 def set_adapter(model: Any, adapter: ModelAdapter) -> ModelAdapter:
-    """Use ``adapter`` for ``model`` from now on (what ``load_model(..., layers=...)`` does)."""
-    _CACHE[model] = adapter
+    """Use ``adapter`` for ``model`` from now on (what ``load_model(..., layers=...)`` does).
+
+    The adapter is kept on the model object, so it lives exactly as long as the model.
+    """
+    if not isinstance(getattr(model, "__dict__", None), dict):
+        raise AdapterError(
+            f"cannot attach an adapter to a {type(model).__name__} (it has no __dict__); wrap the "
+            "model in a torch module"
+        )
+    _cache(model, adapter)
     return adapter
 
 
@@ -549,17 +578,13 @@ def adapter_for(model: Any) -> ModelAdapter:
     """
     if isinstance(model, ModelAdapter):
         return model
-    try:
-        found = _CACHE.get(model)
-    except TypeError:  # unhashable / not weak-referenceable
-        found = None
+    found = _cached(model)
     if found is not None:
         return found
     for cls in _REGISTRY:
         if cls.matches(model):
             adapter = cls(model)
-            with contextlib.suppress(TypeError):
-                _CACHE[model] = adapter
+            _cache(model, adapter)
             return adapter
     tried = ", ".join(registered_adapters())
     raise AdapterError(
