@@ -57,6 +57,10 @@ from .interventions import (
 )
 from .generation import GenerationError, generate, generate_ids
 
+# Sets of latents, and tracking / detecting them across models
+from .latent_sets import LatentSet, SelectionResult, select_latents
+from .tracking import DetectionResult, LatentTrack, detect, detect_responses, track_latents
+
 # Misalignment evaluation
 from .evals import (
     EvalResult,
@@ -86,6 +90,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ablate",
     "ActivationExample",
+    "DetectionResult",
     "CaptureBatch",
     "DatasetScreen",
     "DirectionError",
@@ -97,6 +102,8 @@ __all__ = [
     "InterventionHandle",
     "LatentDiff",
     "LatentRecord",
+    "LatentSet",
+    "LatentTrack",
     "LocalJudge",
     "LogitLens",
     "MeanDifference",
@@ -106,6 +113,7 @@ __all__ = [
     "ResidualDiff",
     "SAEError",
     "ScreenedExample",
+    "SelectionResult",
     "Site",
     "SiteError",
     "SiteStats",
@@ -127,6 +135,8 @@ __all__ = [
     "collect",
     "compose",
     "contrastive_score",
+    "detect",
+    "detect_responses",
     "diff_latents",
     "diff_residuals",
     "evaluate",
@@ -146,9 +156,11 @@ __all__ = [
     "resolve_direction",
     "screen_latents",
     "screen_dataset",
+    "select_latents",
     "steer",
     "save_model",
     "sweep",
     "tokenize_prompts",
     "top_activations",
+    "track_latents",
 ]

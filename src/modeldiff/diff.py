@@ -984,9 +984,15 @@ def collect_site_stats(
     tokenizer_model: Any | None = None,
     convert_sae: bool = False,
     track_prompts: bool = True,
+    outlier_factor: float | None = None,
     progress: bool = True,
 ) -> SiteStats:
     """Statistics of one model's SAE latents over ``prompts`` (one half of a diff, or one shard).
+
+    ``outlier_factor`` drops this model's tokens whose activation norm exceeds that many times
+    their prompt's median (``diff_latents`` drops a token that is an outlier in either model from
+    both; here only this model is seen, so compare halves collected with it off, the default, or
+    check that both drop the same tokens).
 
     Use this when the two models do not fit in memory together, or to split prompts into shards:
     ``SiteStats.merge`` combines shards (give each shard its ``prompt_offset`` so prompt indices stay
@@ -1021,8 +1027,14 @@ def collect_site_stats(
     )
     with torch.inference_mode():
         for b in stream:
-            _encode_into(out, sae, b.acts[site], b.prompt_index + prompt_offset, b.position)
-            del b  # free this batch's activations before the next forward
+            x, pi, pos = b.acts[site], b.prompt_index, b.position
+            if outlier_factor is not None:
+                keep = ~(b.norm_ratio[site] > outlier_factor)  # a NaN norm stays (and is flagged)
+                if not bool(keep.all()):
+                    x, pi, pos = x[keep.to(x.device)], pi[keep], pos[keep]
+            if len(pi):
+                _encode_into(out, sae, x, pi + prompt_offset, pos)
+            del b, x  # free this batch's activations before the next forward
     return out
 
 
