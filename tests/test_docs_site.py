@@ -108,7 +108,12 @@ def _anchors(path: Path) -> set[str]:
 
 
 def _markdown_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), ROOT / "benchmarks" / "README.md"]
+    return [
+        ROOT / "README.md",
+        *sorted(DOCS.rglob("*.md")),
+        ROOT / "benchmarks" / "README.md",
+        ROOT / "tutorials" / "README.md",
+    ]
 
 
 @pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
