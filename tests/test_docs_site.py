@@ -93,6 +93,16 @@ def test_every_page_is_in_the_nav():
     assert sorted(nav - on_disk - generated) == [], "nav entries without a page"
 
 
+def test_every_public_module_has_an_api_reference_page():
+    package = ROOT / "src" / "modeldiff"
+    modules = [p.stem for p in package.glob("*.py") if not p.name.startswith("_")]
+    subpackages = [p.parent.name for p in package.glob("*/__init__.py")]
+    public = {"modeldiff", *(f"modeldiff.{name}" for name in modules + subpackages)}
+    pages = "\n".join(p.read_text(encoding="utf-8") for p in (DOCS / "reference").glob("*.md"))
+    documented = set(re.findall(r"^::: (modeldiff(?:\.\w+)?)\s*$", pages, re.MULTILINE))
+    assert sorted(public - documented) == [], "modules without a page in docs/reference/"
+
+
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 _CODE = re.compile(r"`[^`\n]*`")
 _LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
