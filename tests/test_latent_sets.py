@@ -375,3 +375,17 @@ def test_select_rejects_bad_options(planted):
         select_latents(base, tuned, sae, candidates=[1], ablation="mean", scorer=behaviour)
     with pytest.raises(ArgumentError, match="out of range"):
         select_latents(base, tuned, sae, candidates=[99], scorer=behaviour)
+
+
+def test_docs_page_example_runs_as_written(capsys):
+    """docs/latent-sets.md: the tiny-model block runs and prints what the page shows."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "latent-sets.md").read_text()
+    pairs = re.findall(r"```python\n(.*?)```\n\n```text\n(.*?)```", doc, flags=re.S)
+    tiny = [(code, out) for code, out in pairs if "build_persona_organism" not in code]
+    assert len(tiny) == 1
+    code, expected = tiny[0]
+    exec(compile(code, "docs/latent-sets.md", "exec"), {})
+    assert capsys.readouterr().out == expected

@@ -281,8 +281,9 @@ class SelectionResult:
     """What :func:`select_latents` found: the chosen set and the curve of effect against size.
 
     ``chosen_size`` is the smallest size whose effect reaches ``target`` (a share of the gap
-    between the fine-tuned and the base model's scores), or, without a target, reaches 95% of the
-    best effect on the curve.
+    between the fine-tuned and the base model's scores); when the target is never reached, the
+    size with the largest effect; without a target, the smallest size within 95% of the largest
+    effect on the curve.
 
     Example:
         >>> st = [SelectionStep(1, 4, (4,), 0.5, 0.3, None), SelectionStep(2, 7, (4, 7), 0.6, 0.2, None)]
@@ -475,8 +476,9 @@ def select_latents(
     ``mode="steer"`` steers ``base`` along the set's Δ-weighted direction at ``coefficient`` ×
     ``unit`` (the median residual norm on ``calibration_prompts``; effect = steered − base score).
     The selection stops at ``max_size`` or once ``target`` (a share of the fine-tuned − base gap,
-    e.g. 0.8) is reached; the chosen size is the smallest reaching ``target``, or 95% of the best
-    effect seen when no target is given. A step whose incoherence exceeds ``incoherence_budget``
+    e.g. 0.8) is reached; the chosen size is the smallest reaching ``target`` (the best one seen
+    when it is never reached), or the smallest within 95% of the best effect when no target is
+    given. A step whose incoherence exceeds ``incoherence_budget``
     is not eligible (the scorer must report incoherence). Ties go to the higher-ranked candidate.
 
     Greedy forward selection cannot see latents that carry a behaviour redundantly (an OR: either
@@ -714,13 +716,15 @@ def _best_pair(
 
 
 def _chosen_size(steps: Sequence[SelectionStep], gap: float, target: float | None) -> int:
+    """Smallest size reaching ``target`` of the gap; a target never reached: the size with the
+    largest effect; no target: the smallest size within 95% of the largest effect."""
     if not steps:
         return 0
-    effects = [s.effect for s in steps]
+    best = max(s.effect for s in steps)
     if target is not None and gap > 0:
         for s in steps:
             if s.effect >= target * gap:
                 return s.size
-    best = max(effects)
+        return next(s.size for s in steps if s.effect >= best - 1e-12)
     bar = 0.95 * best if best > 0 else best
     return next(s.size for s in steps if s.effect >= bar - 1e-12)

@@ -17,7 +17,7 @@ from modeldiff.organisms.build import (
     build_persona_organism,
     cache_dir,
 )
-from modeldiff.organisms.checks import Check, ChecksResult, run_checks
+from modeldiff.organisms.checks import Check, ChecksResult, run_checks, run_set_checks
 from modeldiff.organisms.training import (
     finetune,
     persona_correlations,
@@ -40,6 +40,7 @@ __all__ = [
     "finetune",
     "persona_correlations",
     "run_checks",
+    "run_set_checks",
     "pretrain",
     "toxic_rate",
     "train_sae",

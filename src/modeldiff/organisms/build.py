@@ -145,6 +145,20 @@ class OrganismRecipe:
         """
         return cls(sae_steps=600, seed=seed)
 
+    @classmethod
+    def overcomplete(cls, seed: int = 0) -> OrganismRecipe:
+        """The organism with an SAE sized like real ones (8× overcomplete: 512 latents, k 8).
+
+        The persona splits over several latents here; check it with
+        :func:`~modeldiff.organisms.run_set_checks`.
+
+        Example:
+            >>> r = OrganismRecipe.overcomplete()
+            >>> r.d_sae // r.d_model, r.k
+            (8, 8)
+        """
+        return cls(d_sae=512, k=8, seed=seed)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the recipe (the world nested).
 
