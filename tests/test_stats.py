@@ -295,3 +295,35 @@ def test_every_statistic_is_a_stat_that_rebuilds_from_its_state_dict():
     with pytest.raises(ValueError, match=r"no 'stat.kind' entry.*SiteStats.from_state_dict"):
         stat_from_state_dict(old)
     assert SiteStats.from_state_dict(old).latents.count == 6  # files from before the tags load
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 80),
+    st.integers(1, 4),
+    st.floats(0.0, 0.5),
+    st.booleans(),
+)
+def test_tail_quantiles_equal_torch_quantile(n, k, alpha, ties):
+    """The bootstrap interval reads the two tails with topk instead of sorting every column; it
+    must equal torch.quantile's linear interpolation, ties and tiny draw counts included."""
+    from modeldiff.uncertainty import _tail_quantiles
+
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(n * 31 + k), dtype=torch.float64)
+    if ties:
+        x = x.round()
+    lo, hi = _tail_quantiles(x, alpha)
+    ref = torch.quantile(x, torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0)
+    torch.testing.assert_close(lo, ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(hi, ref[1], rtol=0, atol=1e-12)
+
+
+def test_dense_path_keeps_the_earliest_max_under_ties(monkeypatch):
+    """The dense path finds each column's first maximal row without max(0)'s indices."""
+    monkeypatch.setattr(stats_mod, "_SPARSE_FRACTION", -1.0)  # force the dense path
+    acts = torch.tensor([[0.0, 2.0, 1.0], [3.0, 2.0, 0.0], [3.0, 1.0, 0.0]])
+    st_ = LatentStats(3)
+    st_.update(acts, prompt_index=torch.tensor([0, 1, 2]), position=torch.tensor([5, 6, 7]))
+    assert [st_.max_location(j) for j in range(3)] == [(1, 6), (0, 5), (0, 5)]
+    assert st_.fire.tolist() == [2, 3, 1]
+    torch.testing.assert_close(st_.sumsq, torch.tensor([18.0, 9.0, 1.0], dtype=torch.float64))
