@@ -327,3 +327,26 @@ def test_dense_path_keeps_the_earliest_max_under_ties(monkeypatch):
     assert [st_.max_location(j) for j in range(3)] == [(1, 6), (0, 5), (0, 5)]
     assert st_.fire.tolist() == [2, 3, 1]
     torch.testing.assert_close(st_.sumsq, torch.tensor([18.0, 9.0, 1.0], dtype=torch.float64))
+
+
+def test_monte_carlo_columns_stop_only_when_their_p_is_large(monkeypatch):
+    """Sequential Monte Carlo: a column stops after 100 hits; the ones with few hits (small p, the
+    ones that matter) keep every draw and equal a run without stopping, bit for bit."""
+    from modeldiff import uncertainty as unc
+
+    g = torch.Generator().manual_seed(3)
+    n_p = 40  # 2^40 flips: Monte Carlo
+    null = torch.randn(n_p, 6, generator=g, dtype=torch.float64)
+    strong = torch.randn(n_p, 3, generator=g, dtype=torch.float64) * 0.3 + 1.0
+    d = torch.cat([null, strong], 1)
+    counts = torch.ones(n_p, dtype=torch.long)
+    seq = unc.paired_uncertainty(d, counts, n_bootstrap=10, n_permutations=5000)
+    monkeypatch.setattr(unc, "_STOP_HITS", 10**9)
+    full = unc.paired_uncertainty(d, counts, n_bootstrap=10, n_permutations=5000)
+    assert torch.equal(seq.p_value[6:], full.p_value[6:])  # the strong columns: identical
+    assert float(full.p_value[6:].max()) < 0.01
+    stopped = seq.p_value[:6] != full.p_value[:6]
+    assert bool(stopped.any())  # some null columns stopped early...
+    assert float(seq.p_value[:6][stopped].min()) > 0.01  # ...and only with a large p
+    # their estimate stays close to the full run's (100 hits: ~10% relative error)
+    torch.testing.assert_close(seq.p_value[:6], full.p_value[:6], rtol=0.35, atol=0.0)
