@@ -186,3 +186,39 @@ def test_steer_latent_out_of_range_is_explained(pair_and_sae, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "out of range" in err and "0..95" in err
+
+
+def test_diff_with_nproc_2_equals_one_process_bit_for_bit(pair_and_sae, tmp_path):
+    """`modeldiff diff --nproc 2` relaunches itself under torchrun (two gloo workers, one thread
+    each); its saved diff equals a one-process run at one thread, tensor for tensor."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    base, tuned, sae, prompts = pair_and_sae
+    common = ["diff", "--base", str(base), "--finetuned", str(tuned), "--sae", str(sae),
+              "--prompts", str(prompts), "--quiet", "--batch-size", "1"]  # 3 batches: both work
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "modeldiff.cli", *common, "--out", str(tmp_path / "two"),
+         "--nproc", "2"],
+        env=env, capture_output=True, text=True, timeout=150,
+    )
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_file(str(tmp_path / "one" / "diff.safetensors")), load_file(
+        str(tmp_path / "two" / "diff.safetensors")
+    )
+    assert set(a) == set(b)
+    for k in a:  # bit for bit, NaN where the other has NaN
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert (tmp_path / "two" / "result.json").is_file()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--nproc", "0"]) == 2
+    assert not (tmp_path / "bad").exists()

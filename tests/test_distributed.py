@@ -34,9 +34,20 @@ def _worker(out: str) -> None:
     base, tuned, sae, prompts = setup()
     try:
         d = run_diff(base, tuned, sae, prompts, distributed=True)
+        # the activation cache, distributed: the first run writes it (each rank its own batches'
+        # shards, rank 0 the manifest), the second reads it
+        cache = f"{out}.cache"
+        written = run_diff(base, tuned, sae, prompts, distributed=True, cache=cache)
+        from modeldiff.cache import MANIFEST
+
+        dist.barrier()
+        assert os.path.exists(os.path.join(cache, MANIFEST)), "the cache was not completed"
+        read = run_diff(base, tuned, sae, prompts, distributed=True, cache=cache)
         rank = dist.get_rank()
         if rank == 0:
             save_file(diff_tensors(d), out)
+            save_file(diff_tensors(written), f"{out}.cache-write")
+            save_file(diff_tensors(read), f"{out}.cache-read")
         else:
             assert d is None, "a rank other than 0 must return None"
             with open(f"{out}.rank{rank}", "w") as f:
@@ -64,7 +75,7 @@ def _torchrun(out) -> subprocess.CompletedProcess:
     ]
     # bounded: the run itself takes seconds; most of the time is two processes importing torch,
     # TransformerLens and sae-lens at once (20-40 s on a loaded 2-core machine)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
 
 
 def test_two_gloo_processes_equal_a_single_process_run_bit_for_bit(tmp_path):
@@ -82,6 +93,10 @@ def test_two_gloo_processes_equal_a_single_process_run_bit_for_bit(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert_same_tensors(diff_tensors(reference), load_file(str(out)))
+    # with the activation cache: written by both ranks, then read back by both
+    assert (tmp_path / "rank0.safetensors.cache").is_dir()
+    assert_same_tensors(diff_tensors(reference), load_file(f"{out}.cache-write"))
+    assert_same_tensors(diff_tensors(reference), load_file(f"{out}.cache-read"))
 
 
 def test_distributed_without_a_process_group_says_how_to_launch(monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -85,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output folder for diff.safetensors and report")
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine: relaunches itself under torchrun with "
+        "distributed=True (gloo on CPU, nccl on GPUs; the result equals a single-process run bit "
+        "for bit at the same thread count) (default: %(default)s)",
+    )
 
     s = sub.add_parser("steer", help="print steered vs unsteered continuations of a prompt")
     s.add_argument("--model", required=True, help="model source")
@@ -201,10 +210,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``modeldiff <argv>`` as ``nproc`` torchrun workers on this machine; their exit code."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "-m",
+        "modeldiff.cli",
+        *argv,
+    ]
+    # each worker gets an equal share of the cores, not every worker all of them
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.run(cmd, env=env).returncode
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     from modeldiff.diff import diff_latents
     from modeldiff.report import write_report
 
+    if args.nproc < 1:
+        raise CLIError(f"--nproc must be at least 1, got {args.nproc}")
+    worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.nproc > 1 and not worker:
+        argv = list(args.argv)
+        for i, a in enumerate(argv):  # drop "--nproc N" / "--nproc=N": the workers run one each
+            if a == "--nproc":
+                del argv[i : i + 2]
+                break
+            if a.startswith("--nproc="):
+                del argv[i]
+                break
+        return _launch(args.nproc, argv)
+    distributed = worker and int(os.environ["WORLD_SIZE"]) > 1
     prompts = _read_prompts(args.prompts)
     base = _load_model(args.base)
     finetuned = _load_model(
@@ -218,8 +267,11 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         prompts,
         positions=args.positions,
         batch_size=args.batch_size,
-        progress=not args.quiet,
+        progress=not args.quiet and os.environ.get("RANK", "0") == "0",
+        distributed=distributed,
     )
+    if diff is None:  # a worker other than rank 0: rank 0 writes the result
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     diff.save(out / "diff.safetensors")
@@ -308,11 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["report", "/nonexistent"])
         2
     """
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # what to relaunch with (modeldiff diff --nproc N)
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
