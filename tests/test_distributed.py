@@ -43,13 +43,17 @@ def _worker(out: str) -> None:
         dist.barrier()
         assert os.path.exists(os.path.join(cache, MANIFEST)), "the cache was not completed"
         read = run_diff(base, tuned, sae, prompts, distributed=True, cache=cache)
+        from modeldiff import diff_residuals
+
+        resid = diff_residuals(base, tuned, prompts, batch_size=2, distributed=True, progress=False)
         rank = dist.get_rank()
         if rank == 0:
             save_file(diff_tensors(d), out)
+            save_file({s.hook_name: v for s, v in resid.delta.items()}, f"{out}.resid")
             save_file(diff_tensors(written), f"{out}.cache-write")
             save_file(diff_tensors(read), f"{out}.cache-read")
         else:
-            assert d is None, "a rank other than 0 must return None"
+            assert d is None and resid is None, "a rank other than 0 must return None"
             with open(f"{out}.rank{rank}", "w") as f:
                 f.write("none")
     finally:
@@ -97,6 +101,18 @@ def test_two_gloo_processes_equal_a_single_process_run_bit_for_bit(tmp_path):
     assert (tmp_path / "rank0.safetensors.cache").is_dir()
     assert_same_tensors(diff_tensors(reference), load_file(f"{out}.cache-write"))
     assert_same_tensors(diff_tensors(reference), load_file(f"{out}.cache-read"))
+    # diff_residuals, sharded the same way
+    from modeldiff import diff_residuals
+
+    torch.set_num_threads(1)
+    try:
+        single = diff_residuals(base, tuned, prompts, batch_size=2, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    got = load_file(f"{out}.resid")
+    assert set(got) == {s.hook_name for s in single.delta}
+    for s, v in single.delta.items():
+        assert torch.equal(got[s.hook_name], v), s
 
 
 def test_distributed_without_a_process_group_says_how_to_launch(monkeypatch):

@@ -153,6 +153,11 @@ class LatentRecord:
             )
         return self.direction.clone()
 
+    def _repr_html_(self) -> str:
+        from .views import latent_record_html
+
+        return latent_record_html(self)
+
     def as_dict(self) -> dict[str, Any]:
         """A flat, JSON-ready dict of every number (no decoder row)."""
         out: dict[str, Any] = {
@@ -798,16 +803,19 @@ class LatentDiff:
 
         return latent_diff_html(self, k)
 
-    def plot(self, k: int = 10, *, max_points: int = 20_000) -> Any:
-        """A plotly figure: mean base vs fine-tuned per latent (top/bottom ``k`` labelled) and a
+    def plot(self, k: int = 10, *, max_points: int = 20_000, labels: int = 6) -> Any:
+        """A plotly figure: mean base vs fine-tuned per latent (top/bottom ``k`` marked) and a
         bar chart of Δ with confidence intervals for those latents.
 
-        Only latents that fired are drawn, at most ``max_points`` of them (the ranked extremes
-        always included), so the figure stays light for million-latent SAEs.
+        The ``labels`` marked latents with the largest ``|Δ|`` are labelled by name (``#k`` /
+        ``#-k``), offset from their points so that neighbours near the origin stay readable;
+        every point names its latent on hover. Only latents that fired are drawn, at most
+        ``max_points`` of them (the ranked extremes always included), so the figure stays light
+        for million-latent SAEs.
         """
         from .views import latent_diff_figure
 
-        return latent_diff_figure(self, k, max_points=max_points)
+        return latent_diff_figure(self, k, max_points=max_points, labels=labels)
 
 
 # -- running the models ----------------------------------------------------------------------------
@@ -1425,15 +1433,26 @@ def diff_latents(
             saved, counters = load_checkpoint(checkpoint, fingerprint)
             stats_b, stats_f = saved["base"], saved["finetuned"]
             start, n_outliers = counters["next_batch"], counters["n_outliers"]
+    # the bar counts selected tokens (each read by both models), not batches
+    batch_tokens = [sum(len(selections[i]) for i in batch) for batch in plan]
     with (
         torch.inference_mode(),
         tqdm(
-            total=len(plan), initial=start, desc="diff_latents", disable=not progress or rank != 0
+            total=sum(batch_tokens),
+            initial=sum(batch_tokens[:start]),
+            desc="diff_latents",
+            unit="tok",
+            unit_scale=True,
+            disable=not progress or rank != 0,
         ) as bar,
     ):
         if distributed:
+            folded = iter(batch_tokens)  # rank 0 folds the batches in global order
             n_outliers = gather_batches(
-                len(plan), run_batch, (stats_b, stats_f), on_batch=bar.update
+                len(plan),
+                run_batch,
+                (stats_b, stats_f),
+                on_batch=lambda: bar.update(next(folded, 0)),
             )
             if n_outliers is None:  # not rank 0: its statistics went to rank 0
                 return None  # type: ignore[return-value]
@@ -1443,7 +1462,7 @@ def diff_latents(
             stats_f.merge(part_f)
             n_outliers += dropped
             del part_b, part_f
-            bar.update()
+            bar.update(batch_tokens[k])
             if checkpoint is not None and ((k + 1) % every == 0 or k + 1 == len(plan)):
                 save_checkpoint(
                     checkpoint,
@@ -1544,13 +1563,21 @@ class ResidualDiff:
         """A plotly bar chart of the relative shift per site."""
         import plotly.graph_objects as go
 
+        from .views import as_figure
+
         recs = self.to_records()
         fig = go.Figure(go.Bar(x=[r["site"] for r in recs], y=[r["relative"] for r in recs]))
         fig.update_layout(
-            title="mean residual shift (fine-tuned − base) / mean base residual norm",
+            title="Mean residual shift (fine-tuned − base) relative to the base's residual norm",
+            xaxis_title="site",
             yaxis_title="relative shift",
         )
-        return fig
+        return as_figure(fig)
+
+    def _repr_html_(self) -> str:
+        from .views import residual_diff_html
+
+        return residual_diff_html(self)
 
 
 def diff_residuals(
@@ -1565,12 +1592,16 @@ def diff_residuals(
     include_bos: bool = False,
     prepend_bos: bool | None = None,
     truncate: bool = False,
+    distributed: bool = False,
     progress: bool = True,
 ) -> ResidualDiff:
     """Mean residual difference vector (fine-tuned − base) and its norm at each layer.
 
     One pass per model over all requested layers (the forward stops after the deepest one). Use it
-    to choose where to put an SAE: the layer with the largest relative shift.
+    to choose where to put an SAE: the layer with the largest relative shift. Batches are folded
+    in one global order, so ``distributed=True`` under ``torchrun`` (batches sharded over ranks,
+    as in :func:`diff_latents`; rank 0 returns the result, the others ``None``) equals a
+    single-process run bit for bit.
 
     Example:
         >>> from modeldiff.testing import tiny_hooked_transformer
@@ -1580,26 +1611,82 @@ def diff_residuals(
         [0.0, 0.0]
     """
     _check_pair(base, finetuned)
+    rank = 0
+    if distributed:
+        from .distributed import gather_states, init_from_env
+
+        rank, _ = init_from_env()
     layer_list = list(range(adapter_for(base).n_layers)) if layers is None else list(layers)
     sites = as_sites([Site(int(layer), kind) for layer in layer_list])  # type: ignore[arg-type]
+    for s in sites:
+        s.validate(base)
     tokenized = tokenize_prompts(base, prompts, prepend_bos=prepend_bos, truncate=truncate)
+    selections = select_positions(tokenized, positions, include_bos=include_bos)
+    plan = _batch_plan(tokenized, selections, batch_size)
     d_model = adapter_for(base).d_model
-    acc = {name: {s: VectorStats(d_model) for s in sites} for name in ("base", "finetuned")}
-    for name, model in (("base", base), ("finetuned", finetuned)):
-        for b in capture(
-            model,
-            prompts,
-            sites,
-            positions=positions,
-            batch_size=batch_size,
-            include_bos=include_bos,
-            tokenized=tokenized,
-            progress=progress,
-            desc=f"diff_residuals ({name})",
-        ):
-            for s in sites:
-                acc[name][s].update(b.acts[s])
-            del b  # free this batch's activations before the next forward
+    names = ("base", "finetuned")
+    acc = {name: {s: VectorStats(d_model) for s in sites} for name in names}
+
+    def run_batch(k: int) -> dict[str, Tensor]:
+        """Batch ``k``'s fresh statistics of both models at every site, as one flat state."""
+        idx = plan[k]
+        state: dict[str, Tensor] = {}
+        for name, model in zip(names, (base, finetuned), strict=True):
+            (b,) = capture(
+                model,
+                [tokenized[i] for i in idx],
+                sites,
+                positions=[list(selections[i]) for i in idx],
+                batch_size=len(idx),
+                include_bos=True,  # the selections are final
+                tokenized=[tokenized[i] for i in idx],
+                progress=False,
+            )
+            for j, s in enumerate(sites):
+                part = VectorStats(d_model)
+                part.update(b.acts[s])
+                state.update({f"{name}.{j}.{key}": t for key, t in part.state_dict().items()})
+            del b
+        return state
+
+    def fold(state: dict[str, Tensor]) -> None:
+        for name in names:
+            for j, s in enumerate(sites):
+                prefix = f"{name}.{j}."
+                sub = {key[len(prefix) :]: t for key, t in state.items() if key.startswith(prefix)}
+                acc[name][s].merge(VectorStats.from_state_dict(sub))
+
+    batch_tokens = [sum(len(selections[i]) for i in batch) for batch in plan]
+    with (
+        torch.inference_mode(),
+        tqdm(
+            total=sum(batch_tokens),
+            desc="diff_residuals",
+            unit="tok",
+            unit_scale=True,
+            disable=not progress or rank != 0,
+        ) as bar,
+    ):
+        if distributed:
+            blank = VectorStats(d_model).state_dict()
+            template = {
+                f"{name}.{j}.{key}": t
+                for name in names
+                for j in range(len(sites))
+                for key, t in blank.items()
+            }
+            folded = iter(batch_tokens)
+
+            def fold_and_count(state: dict[str, Tensor]) -> None:
+                fold(state)
+                bar.update(next(folded, 0))
+
+            if not gather_states(len(plan), run_batch, template, fold_and_count):
+                return None  # type: ignore[return-value]  # not rank 0
+        else:
+            for k in range(len(plan)):
+                fold(run_batch(k))
+                bar.update(batch_tokens[k])
     delta, norm, rel = {}, {}, {}
     for s in sites:
         d = acc["finetuned"][s].mean - acc["base"][s].mean

@@ -35,7 +35,7 @@ from torch import Tensor
 from .errors import ArgumentError
 from .stats import SiteStats
 
-__all__ = ["gather_batches", "init_from_env", "pack_state", "unpack_state"]
+__all__ = ["gather_batches", "gather_states", "init_from_env", "pack_state", "unpack_state"]
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
@@ -92,43 +92,27 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def gather_batches(
+def gather_states(
     n_batches: int,
-    run_batch: Callable[[int], tuple[SiteStats, SiteStats, int]],
-    stats: tuple[SiteStats, SiteStats],
-    *,
-    on_batch: Callable[[], Any] | None = None,
-) -> int | None:
-    """Run this rank's share of ``n_batches`` and fold every rank's partial statistics into
-    ``stats`` on rank 0, in global batch order.
+    run_batch: Callable[[int], dict[str, Tensor]],
+    template: Mapping[str, Tensor],
+    fold: Callable[[dict[str, Tensor]], Any],
+) -> bool:
+    """Run this rank's share of ``n_batches`` and hand every batch's flat state to ``fold`` on
+    rank 0, in global batch order. Returns whether this is rank 0.
 
-    ``run_batch(k)`` returns batch ``k``'s fresh ``(base, fine-tuned)`` statistics and its outlier
-    count. Returns the total outlier count on rank 0, ``None`` on the other ranks (whose ``stats``
-    stay untouched). Every rank must call this with the same ``n_batches``.
+    ``run_batch(k)`` returns batch ``k``'s partial statistics as one flat ``dict[str, Tensor]`` with
+    the keys, dtypes and ranks of ``template`` (shapes may differ). Batch ``k`` runs on rank
+    ``k % world_size``; after each round of ``world_size`` batches the states travel to rank 0 as
+    bytes (an ``all_gather`` of their sizes, then a ``gather`` of the padded bytes, nothing
+    pickled). Every rank must call this with the same ``n_batches``.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = _device()
-    d_sae, d_model = stats[0].latents.d_sae, stats[0].resid.d
-    track = stats[0].latents.track_prompts
-    blank = SiteStats(d_sae, d_model, track_prompts=track).state_dict()
-    template = {
-        **{f"base.{k}": v for k, v in blank.items()},
-        **{f"finetuned.{k}": v for k, v in blank.items()},
-        "n_outliers": torch.tensor(0, dtype=torch.int64),
-    }
-    n_outliers = 0
     for first in range(0, n_batches, world):
         k = first + rank
         if k < n_batches:
-            part_b, part_f, dropped = run_batch(k)
-            state = {
-                **{f"base.{n}": v for n, v in part_b.state_dict().items()},
-                **{f"finetuned.{n}": v for n, v in part_f.state_dict().items()},
-                "n_outliers": torch.tensor(dropped, dtype=torch.int64),
-            }
-            del part_b, part_f
-            buf, sizes = pack_state(state)
-            del state
+            buf, sizes = pack_state(run_batch(k))
         else:  # the last round may have fewer batches than ranks
             buf = torch.zeros(0, dtype=torch.uint8)
             sizes = torch.zeros(len(template), dtype=torch.int64)
@@ -148,13 +132,52 @@ def gather_batches(
         for r in range(world):
             if first + r >= n_batches:
                 break
-            part = unpack_state(got[r].cpu(), heads[r].cpu(), template)
-            for i, name in enumerate(("base", "finetuned")):
-                prefix = name + "."
-                sub = {k[len(prefix) :]: v for k, v in part.items() if k.startswith(prefix)}
-                stats[i].merge(SiteStats.from_state_dict(sub))
-            n_outliers += int(part["n_outliers"])
-            if on_batch is not None:
-                on_batch()
+            fold(unpack_state(got[r].cpu(), heads[r].cpu(), template))
         del got
-    return n_outliers if rank == 0 else None
+    return rank == 0
+
+
+def gather_batches(
+    n_batches: int,
+    run_batch: Callable[[int], tuple[SiteStats, SiteStats, int]],
+    stats: tuple[SiteStats, SiteStats],
+    *,
+    on_batch: Callable[[], Any] | None = None,
+) -> int | None:
+    """Run this rank's share of ``n_batches`` and fold every rank's partial statistics into
+    ``stats`` on rank 0, in global batch order.
+
+    ``run_batch(k)`` returns batch ``k``'s fresh ``(base, fine-tuned)`` statistics and its outlier
+    count. Returns the total outlier count on rank 0, ``None`` on the other ranks (whose ``stats``
+    stay untouched). Every rank must call this with the same ``n_batches``.
+    """
+    d_sae, d_model = stats[0].latents.d_sae, stats[0].resid.d
+    track = stats[0].latents.track_prompts
+    blank = SiteStats(d_sae, d_model, track_prompts=track).state_dict()
+    template = {
+        **{f"base.{k}": v for k, v in blank.items()},
+        **{f"finetuned.{k}": v for k, v in blank.items()},
+        "n_outliers": torch.tensor(0, dtype=torch.int64),
+    }
+    n_outliers = 0
+
+    def run(k: int) -> dict[str, Tensor]:
+        part_b, part_f, dropped = run_batch(k)
+        return {
+            **{f"base.{n}": v for n, v in part_b.state_dict().items()},
+            **{f"finetuned.{n}": v for n, v in part_f.state_dict().items()},
+            "n_outliers": torch.tensor(dropped, dtype=torch.int64),
+        }
+
+    def fold(part: dict[str, Tensor]) -> None:
+        nonlocal n_outliers
+        for i, name in enumerate(("base", "finetuned")):
+            prefix = name + "."
+            sub = {k[len(prefix) :]: v for k, v in part.items() if k.startswith(prefix)}
+            stats[i].merge(SiteStats.from_state_dict(sub))
+        n_outliers += int(part["n_outliers"])
+        if on_batch is not None:
+            on_batch()
+
+    is_root = gather_states(n_batches, run, template, fold)
+    return n_outliers if is_root else None
