@@ -42,6 +42,14 @@ class CaptureBatch:
     """Activations of the selected tokens of one batch of prompts.
 
     Rows are ordered prompt by prompt, and by position within a prompt.
+
+    Example:
+        >>> import torch
+        >>> b = CaptureBatch(acts={Site.resid_post(0): torch.zeros(3, 4)},
+        ...                  prompt_index=torch.tensor([0, 0, 1]), position=torch.tensor([0, 1, 0]),
+        ...                  token=torch.tensor([5, 6, 7]))
+        >>> len(b), "3 tokens from 2 prompts" in b._repr_html_()
+        (3, True)
     """
 
     acts: dict[Site, Float[Tensor, "n d"]]
@@ -54,6 +62,11 @@ class CaptureBatch:
 
     def __len__(self) -> int:
         return int(self.prompt_index.numel())
+
+    def _repr_html_(self) -> str:
+        from .views import capture_batch_html
+
+        return capture_batch_html(self)
 
 
 def plan_batches(
@@ -163,10 +176,14 @@ def _stream(
         [len(tokenized[i]) for i in todo], batch_size, sort_by_length=sort_by_length
     )
     deepest = max(sites).hook_name
+    # the bar counts selected tokens (what the caller gets), not batches: one batch of long
+    # prompts is minutes of work, and "0/1 batch" shows nothing moving
+    n_selected = [sum(len(selections[todo[j]]) for j in batch) for batch in batches]
+    bar = tqdm(total=sum(n_selected), desc=desc, disable=not progress, unit="tok", unit_scale=True)
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        for batch, n_batch in zip(batches, n_selected, strict=True):
             idx = [todo[j] for j in batch]
             seqs = [tokenized[i].ids for i in idx]
             toks, mask, offset = pad_batch(seqs, pad=pad, side=padding_side)
@@ -190,6 +207,7 @@ def _stream(
                     stop_at=deepest,
                     attention_mask=mask.to(device),
                 )
+            bar.update(n_batch)
             # pop: while suspended here the generator holds none of the batch's activations, so the
             # consumer alone decides when they are freed (before the next forward, if it drops them).
             yield CaptureBatch(
@@ -200,6 +218,7 @@ def _stream(
                 norm_ratio={s: ratios.pop(s) for s in sites},
             )
     finally:
+        bar.close()
         model.train(was_training)
 
 

@@ -989,4 +989,6 @@ def activation_histogram(
         height=max(320, 280 * len(lat)),
         legend_title_text="model",
     )
-    return fig
+    from .views import as_figure
+
+    return as_figure(fig)

@@ -1163,7 +1163,8 @@ def compose(*interventions: Intervention) -> Composed:
 class SweepResult:
     """One record per coefficient: ``{"coefficient": c, <score name>: value, ...}``.
 
-    ``plot(metric)`` draws the dose-response curve with plotly.
+    ``plot(metric)`` draws the dose-response curve with plotly; in a notebook the result shows
+    as a table, one row per coefficient.
 
     Example:
         >>> res = SweepResult([{"coefficient": 0.0, "score": 1.0}, {"coefficient": 1.0, "score": 3.0}])
@@ -1189,18 +1190,25 @@ class SweepResult:
         """A plotly line chart of ``metric`` (default: every score) against the coefficient."""
         import plotly.graph_objects as go
 
+        from .views import as_figure
+
         names = [metric] if metric is not None else self.metrics
         fig = go.Figure()
         xs = self.column("coefficient")
         for name in names:
             fig.add_trace(go.Scatter(x=xs, y=self.column(name), mode="lines+markers", name=name))
         fig.update_layout(
-            title=title or "Dose-response",
+            title=title or f"Dose-response: {', '.join(names)} against the coefficient",
             xaxis_title="coefficient",
             yaxis_title=names[0] if len(names) == 1 else "score",
             template="plotly_white",
         )
-        return fig
+        return as_figure(fig)
+
+    def _repr_html_(self) -> str:
+        from .views import sweep_html
+
+        return sweep_html(self)
 
 
 def sweep(

@@ -421,6 +421,8 @@ class SelectionResult:
         """Effect against set size (plotly), the chosen size marked."""
         import plotly.graph_objects as go
 
+        from .views import as_figure
+
         sizes = [s.size for s in self.steps]
         fig = go.Figure(
             go.Scatter(
@@ -442,7 +444,7 @@ class SelectionResult:
             xaxis_title="latents in the set",
             yaxis_title="change in misalignment",
         )
-        return fig
+        return as_figure(fig)
 
 
 def select_latents(

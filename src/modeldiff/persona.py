@@ -350,6 +350,8 @@ class MeanDifference:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
+        from .views import as_figure
+
         fig = make_subplots(specs=[[{"secondary_y": True}]])
         for kind in dict.fromkeys(s.kind for s in self._dirs):
             recs = [r for r in self.to_records() if r["kind"] == kind]
@@ -373,7 +375,7 @@ class MeanDifference:
         fig.update_layout(title="mean difference (A − B) per layer", xaxis_title="layer")
         fig.update_yaxes(title_text="‖mean A − mean B‖", secondary_y=False)
         fig.update_yaxes(title_text="relative to mean activation norm", secondary_y=True)
-        return fig
+        return as_figure(fig)
 
     def __repr__(self) -> str:
         best = self.best_site()

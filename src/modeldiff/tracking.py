@@ -325,7 +325,7 @@ class LatentTrack:
         )
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>#{lat} Δ</th>" for lat in self.latents)
+        head = "".join(f"<th>latent {lat} Δ</th>" for lat in self.latents)
         body = "".join(
             f"<tr><td>{html.escape(lab)}</td>"
             + "".join(
@@ -344,6 +344,8 @@ class LatentTrack:
     def plot(self, *, title: str | None = None) -> Any:
         """One line per latent: its shift at each checkpoint, with the CI as a band (plotly)."""
         import plotly.graph_objects as go
+
+        from .views import as_figure
 
         fig = go.Figure()
         for j, lat in enumerate(self.latents):
@@ -368,7 +370,7 @@ class LatentTrack:
             xaxis_title=self.meta.get("x_title", "checkpoint"),
             yaxis_title=f"mean activation − {self.reference}",
         )
-        return fig
+        return as_figure(fig)
 
 
 def track_latents(
@@ -691,6 +693,8 @@ class DetectionResult:
         """Per-item scores by label, the best threshold as a line (plotly)."""
         import plotly.graph_objects as go
 
+        from .views import as_figure
+
         fig = go.Figure()
         for flag, name in ((True, "misaligned"), (False, "aligned")):
             keys = [k for k, y in self.main.labels.items() if y is flag]
@@ -707,10 +711,11 @@ class DetectionResult:
             fig.add_hline(y=self.main.threshold, line_dash="dash", annotation_text="threshold")
         fig.update_layout(
             title=title or f"Latent-set score by label (AUROC {self.main.auroc:.2f})",
+            xaxis_title="label",
             yaxis_title="set score",
             showlegend=False,
         )
-        return fig
+        return as_figure(fig)
 
 
 def _as_labelled(models: Any) -> list[tuple[str, Any, bool]]:

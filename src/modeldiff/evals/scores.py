@@ -361,6 +361,8 @@ class EvalResult:
         """
         import plotly.graph_objects as go
 
+        from ..views import as_figure
+
         stats = self.per_question()
         rates = [s.misalignment_rate or 0.0 for s in stats]
         cis = [s.misalignment_ci for s in stats]
@@ -379,12 +381,18 @@ class EvalResult:
                 "invalid %{customdata[1]}<extra></extra>",
             )
         )
+        o = self.overall
+        if o.misalignment_rate is None:
+            overall = "no valid answers"
+        else:
+            lo, hi = o.misalignment_ci
+            overall = f"overall {o.misalignment_rate:.1%} [{lo:.1%}, {hi:.1%}] of {o.n} answers"
         fig.update_layout(
-            title=title or f"Misalignment rate per question (overall {self!r})",
+            title=title or f"Misalignment rate per question ({overall})",
             yaxis={"title": "misaligned answers", "tickformat": ".0%", "range": [0, 1]},
             xaxis={"title": "question"},
         )
-        return fig
+        return as_figure(fig)
 
 
 def evaluate(

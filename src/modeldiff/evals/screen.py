@@ -191,10 +191,17 @@ class ScreenRow:
 
     @property
     def name(self) -> str:
-        """``#12`` for a latent, ``{3, 5, 9}`` for a set: how tables and plots name the row."""
+        """``latent 12`` for a latent, ``{3, 5, 9}`` for a set: how tables and plots name the row.
+
+        (``#k`` is a latent's rank in a :class:`~modeldiff.LatentDiff`, shown as "diff rank".)
+
+        Example:
+            >>> ScreenRow(12, 1, 0.2, 1.0, 0.1, 1.0).name, ScreenRow((3, 5), None, 0, None, 0, None).name
+            ('latent 12', '{3, 5}')
+        """
         if isinstance(self.latent, tuple):
             return "{" + ", ".join(str(i) for i in self.latent) + "}"
-        return f"#{self.latent}"
+        return f"latent {self.latent}"
 
 
 def _sort_key(r: ScreenRow) -> tuple:
@@ -287,7 +294,8 @@ class ScreenResult:
             return "–" if x is None else f"{x:g}"
 
         rows = "".join(
-            f"<tr><td>{i + 1}</td><td>{html.escape(r.name)}</td><td>{fmt(r.rank)}</td>"
+            f"<tr><td>{i + 1}</td><td>{html.escape(r.name)}</td>"
+            f"<td>{'–' if r.rank is None else f'#{r.rank}'}</td>"
             f"<td>{r.induce_effect:+.3f}</td><td>{fmt(r.induce_coefficient)}</td>"
             f"<td>{r.repair_effect:+.3f}</td><td>{fmt(r.repair_coefficient)}</td>"
             f"<td>{r.effect:+.3f}</td></tr>"
@@ -306,6 +314,8 @@ class ScreenResult:
     def plot(self, k: int = 20, *, title: str | None = None) -> Any:
         """Grouped bars of the induce and repair effects of the top ``k`` latents (plotly)."""
         import plotly.graph_objects as go
+
+        from ..views import as_figure
 
         rows = self.rows[:k]
         names = [r.name for r in rows]
@@ -333,7 +343,7 @@ class ScreenResult:
             xaxis_title="latent",
             yaxis_title="change in misalignment",
         )
-        return fig
+        return as_figure(fig)
 
 
 def screen_latents(

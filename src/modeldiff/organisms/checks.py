@@ -113,6 +113,11 @@ class ChecksResult:
             for r in rows
         )
 
+    def _repr_html_(self) -> str:
+        from ..views import checks_html
+
+        return checks_html(self)
+
     def to_json(self) -> str:
         """The checks and data as JSON (the diff is saved separately).
 
