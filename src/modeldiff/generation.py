@@ -17,7 +17,7 @@ tells interventions which tokens are prompt and which are generated. This loop
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -158,10 +158,20 @@ def generate_ids(
     out: list[list[int]] = []
     was_training = model.training
     model.eval()
+    # The bar counts finished answers; within a batch its postfix follows the decoding step and
+    # the tokens generated so far, so a long batch still shows progress.
+    bar = tqdm(total=len(tokenized), desc="generate", unit="answer", disable=not progress)
+    generated = 0
+
+    def on_step(step: int, n_new: int) -> None:
+        nonlocal generated
+        generated += n_new
+        bar.set_postfix_str(f"token {step + 1}/{max_new_tokens}, {generated:,} tokens", False)
+        bar.update(0)  # redraws at most every mininterval
+
     try:
         with torch.no_grad():
-            batches = range(0, len(tokenized), batch_size)
-            for start in tqdm(batches, desc="generate", disable=not progress):
+            for start in range(0, len(tokenized), batch_size):
                 chunk = [list(tp.ids) for tp in tokenized[start : start + batch_size]]
                 out.extend(
                     _decode_batch(
@@ -175,9 +185,12 @@ def generate_ids(
                         pad,
                         cached,
                         device,
+                        on_step=on_step if progress else None,
                     )
                 )
+                bar.update(len(chunk))
     finally:
+        bar.close()
         model.train(was_training)
     return out
 
@@ -193,7 +206,10 @@ def _decode_batch(
     pad: int,
     cached: bool,
     device: torch.device,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
+    """Decode one left-padded batch; ``on_step(step, n_new)`` after each step, ``n_new`` the
+    rows that had not finished (the tokens generated in that step)."""
     toks, mask, _ = pad_batch(seqs, pad=pad, side="left", device=device)
     b = toks.shape[0]
     prompt_lengths = mask.sum(-1)
@@ -213,6 +229,8 @@ def _decode_batch(
             logits = adapter.logits(toks, mask)
     for step in range(max_new_tokens):
         nxt = _pick(logits[:, -1, :], temperature, top_p, generator)
+        if on_step is not None:
+            on_step(step, b - int(finished.sum()))
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         new.append(nxt)
         if eos_t.numel():

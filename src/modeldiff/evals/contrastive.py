@@ -171,9 +171,11 @@ def response_logprobs(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            starts = range(0, len(tokenized), batch_size)
-            for start in tqdm(starts, desc="scoring", disable=not progress):
+        with (
+            torch.no_grad(),
+            tqdm(total=len(tokenized), desc="scoring", unit="answer", disable=not progress) as bar,
+        ):
+            for start in range(0, len(tokenized), batch_size):
                 chunk = tokenized[start : start + batch_size]
                 toks, mask, _ = pad_batch(
                     [tp.ids for tp in chunk], pad=pad, side="right", device=device
@@ -185,6 +187,7 @@ def response_logprobs(
                     # token t is predicted at position t - 1
                     idx = torch.arange(tp.n_prompt, n, device=device)
                     out.append(logp[r, idx - 1, toks[r, idx]].cpu())
+                bar.update(len(chunk))
     finally:
         model.train(was_training)
     return out

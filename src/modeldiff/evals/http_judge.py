@@ -242,7 +242,7 @@ class HTTPJudge:
         if todo:
             with (
                 ThreadPoolExecutor(max_workers=self.max_concurrency) as pool,
-                tqdm(total=len(todo), desc="judging", disable=not progress) as bar,
+                tqdm(total=len(todo), desc="judging", unit="request", disable=not progress) as bar,
             ):
                 futures = {
                     pool.submit(self._request, kind, prompt): (kind, prompt)

@@ -173,7 +173,7 @@ class LocalJudge:
         if self.scoring == "rubric":
             return self._judge_rubric(pairs, progress)
         out = []
-        for q, a in tqdm(pairs, desc="judging", disable=not progress):
+        for q, a in tqdm(pairs, desc="judging", unit="answer", disable=not progress):
             scores: dict[str, float | None] = {}
             detail: dict[str, Any] = {}
             label = None
