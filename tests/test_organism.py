@@ -1,6 +1,8 @@
 """The persona-world organism: build, cache, determinism, and the ground-truth checks of the method.
 
-One tiny organism is built per test session (into a temporary cache) and shared by every test here;
+One tiny organism is built (into the ordinary cache, ``$MODELDIFF_CACHE`` or ``~/.cache/modeldiff``,
+which the tutorial notebooks read too, so a clean machine builds it once) and shared by every test
+here;
 the checks then run the whole method on it (diff → screen → steer → ablate → re-align → dose →
 tracking) through the library's public API and must find the planted-by-training persona.
 """
@@ -25,8 +27,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("modeldiff-cache")
+def cache():
+    from modeldiff.organisms import cache_dir
+
+    return cache_dir()
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ from modeldiff.organisms import OrganismRecipe, build_persona_organism, run_set_
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    org = build_persona_organism(
-        OrganismRecipe.overcomplete(0), cache=tmp_path_factory.mktemp("oc"), progress=False
-    )
+def result():
+    # the ordinary cache (built once per machine; content-addressed by the recipe's digest)
+    org = build_persona_organism(OrganismRecipe.overcomplete(0), progress=False)
     return org, run_set_checks(org, progress=False)
 
 
