@@ -19,6 +19,10 @@ from .sites import Site, SiteError
 from .tokens import PromptError, TokenizedPrompt, tokenize_prompts
 from .capture import CaptureBatch, capture, collect
 
+# Training SAEs
+from .sae_training import SAEQuality, SAEQualityReport, SAETrainingResult, evaluate_sae, train_sae
+from .corpus import Corpus, build_corpus
+
 # Model diffing
 from .stats import SiteStats
 from .diff import LatentDiff, LatentRecord, ResidualDiff, diff_latents, diff_residuals
@@ -90,6 +94,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ablate",
     "ActivationExample",
+    "Corpus",
     "DetectionResult",
     "CaptureBatch",
     "DatasetScreen",
@@ -111,7 +116,10 @@ __all__ = [
     "ProjectionShift",
     "PromptError",
     "ResidualDiff",
+    "SAEQuality",
+    "SAEQualityReport",
     "SAEError",
+    "SAETrainingResult",
     "ScreenedExample",
     "SelectionResult",
     "Site",
@@ -130,6 +138,7 @@ __all__ = [
     "ablate",
     "activation_histogram",
     "attribution_diff",
+    "build_corpus",
     "capture",
     "check_compatible",
     "collect",
@@ -140,6 +149,7 @@ __all__ = [
     "diff_latents",
     "diff_residuals",
     "evaluate",
+    "evaluate_sae",
     "generate",
     "generate_answers",
     "generate_ids",
@@ -163,4 +173,5 @@ __all__ = [
     "tokenize_prompts",
     "top_activations",
     "track_latents",
+    "train_sae",
 ]
