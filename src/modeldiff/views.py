@@ -182,6 +182,18 @@ def latent_diff_html(diff: Any, k: int = 10) -> str:
 
     Latents are named as everywhere else: ``#k`` / ``#-k`` by rank, their SAE index under
     "latent".
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> from modeldiff import diff_latents
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> cfg = StandardSAEConfig(d_in=64, d_sae=16)
+        >>> cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+        >>> diff = diff_latents(tiny_hooked_transformer(), tiny_hooked_transformer(seed=1),
+        ...                     StandardSAE(cfg), ["The quick brown fox"], progress=False)
+        >>> page = latent_diff_html(diff, k=2)
+        >>> "<th>rank</th><th>latent</th>" in page, ">#1<" in page, ">#-1<" in page
+        (True, True, True)
     """
     head = ("rank", "latent", "Δ", "CI", "q", "base", "fine-tuned", "freq b→f", "cos")
     rows = []
@@ -204,7 +216,19 @@ def latent_diff_html(diff: Any, k: int = 10) -> str:
 
 
 def latent_record_html(record: Any) -> str:
-    """One latent of a LatentDiff as a one-row table (a :class:`LatentRecord`'s view)."""
+    """One latent of a LatentDiff as a one-row table (a :class:`LatentRecord`'s view).
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> from modeldiff import diff_latents
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> cfg = StandardSAEConfig(d_in=64, d_sae=16)
+        >>> cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+        >>> diff = diff_latents(tiny_hooked_transformer(), tiny_hooked_transformer(seed=1),
+        ...                     StandardSAE(cfg), ["The quick brown fox"], progress=False)
+        >>> "<td>#1</td>" in latent_record_html(diff.at_rank(1))
+        True
+    """
     v = record.values
     keys = [
         k
@@ -240,6 +264,18 @@ def latent_diff_figure(
     together near the origin do not overlap); every point names its latent on hover.
     Only latents that fired are drawn, at most ``max_points`` of them (the ranked extremes
     always included), so the figure stays light for million-latent SAEs.
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> from modeldiff import diff_latents
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> cfg = StandardSAEConfig(d_in=64, d_sae=16)
+        >>> cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+        >>> diff = diff_latents(tiny_hooked_transformer(), tiny_hooked_transformer(seed=1),
+        ...                     StandardSAE(cfg), ["The quick brown fox"], progress=False)
+        >>> fig = latent_diff_figure(diff, k=3, labels=2)
+        >>> [t.name for t in fig.data], sum(a.name == "latent label" for a in fig.layout.annotations)
+        (['latents', 'top / bottom', 'y = x', 'Δ mean'], 2)
     """
     from plotly.subplots import make_subplots
 
@@ -366,7 +402,15 @@ def sweep_html(result: Any) -> str:
 
 
 def residual_diff_html(result: Any) -> str:
-    """A :class:`~modeldiff.ResidualDiff` as a table, one row per site, the best site starred."""
+    """A :class:`~modeldiff.ResidualDiff` as a table, one row per site, the best site starred.
+
+    Example:
+        >>> from modeldiff import ResidualDiff, Site
+        >>> r = ResidualDiff({Site.resid_post(0): torch.ones(2)}, {Site.resid_post(0): 1.4},
+        ...                  {Site.resid_post(0): 0.2}, n_tokens=9)
+        >>> "★ blocks.0.hook_resid_post" in residual_diff_html(r)
+        True
+    """
     best = result.best_site()
     rows = [
         (
@@ -386,7 +430,13 @@ def residual_diff_html(result: Any) -> str:
 
 
 def checks_html(result: Any) -> str:
-    """An organism's :class:`~modeldiff.organisms.ChecksResult` as a table of its checks."""
+    """An organism's :class:`~modeldiff.organisms.ChecksResult` as a table of its checks.
+
+    Example:
+        >>> from modeldiff.organisms.checks import Check, ChecksResult
+        >>> "<td>PASS</td>" in checks_html(ChecksResult([Check("diff rank", True, 1.0, "#1")]))
+        True
+    """
     rows = []
     for c in result.checks:
         value = f"{c.value:.3g}" if isinstance(c.value, float) else str(c.value)
@@ -400,7 +450,15 @@ def checks_html(result: Any) -> str:
 
 
 def capture_batch_html(batch: Any) -> str:
-    """A :class:`~modeldiff.CaptureBatch` summarised: tokens, prompts and one row per site."""
+    """A :class:`~modeldiff.CaptureBatch` summarised: tokens, prompts and one row per site.
+
+    Example:
+        >>> from modeldiff import CaptureBatch, Site
+        >>> b = CaptureBatch({Site.resid_post(0): torch.zeros(2, 8)}, torch.tensor([0, 0]),
+        ...                  torch.tensor([0, 1]), torch.tensor([3, 4]))
+        >>> "<td>2×8</td>" in capture_batch_html(b)
+        True
+    """
     rows = [
         (s.hook_name, "×".join(str(n) for n in a.shape), str(a.dtype).replace("torch.", ""))
         for s, a in batch.acts.items()
