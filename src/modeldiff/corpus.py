@@ -388,7 +388,7 @@ def build_corpus(
     Example:
         >>> from modeldiff.testing import tiny_hooked_transformer
         >>> c = build_corpus("mixed", n=6, seed=1, model=tiny_hooked_transformer(),
-        ...                  chat_max_new_tokens=4, progress=False)
+        ...                  chat_max_new_tokens=4, max_files_per_package=1, progress=False)
         >>> c.manifest["sources"]
         {'packages': 2, 'python': 2, 'chat': 2}
         >>> isinstance(c[0], (str, tuple))

@@ -38,7 +38,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import math
 import os
@@ -92,6 +91,11 @@ class SAEQuality:
     ``n_tokens`` kept tokens were scored for explained variance, L0 and dead fraction; the CE and
     KL numbers average over ``n_predictions`` next-token predictions. A number that cannot be
     computed (no kept tokens; zero-ablation that changes nothing) is NaN.
+
+    Example:
+        >>> q = SAEQuality("base", 2, 10, 0, 0.9, 0.1, 8.0, 0.0, 9, 1.0, 1.1, 2.0, 0.9, 0.01, 0.5)
+        >>> q.ce_loss_recovered, SAEQuality.from_dict(q.to_dict()) == q
+        (0.9, True)
     """
 
     model: str
@@ -264,31 +268,34 @@ class SAEQualityReport:
         return self.summary()
 
     def _repr_html_(self) -> str:
+        from .views import html_table
+
         cols = [self.base] + ([self.finetuned] if self.finetuned is not None else [])
-        head = "".join(f"<th>{html.escape(q.model)}</th>" for q in cols)
         rows = []
         for key, label, fmt in _METRICS:
             cells = []
             for q in cols:
                 v = getattr(q, key)
-                cells.append(
-                    "n/a" if isinstance(v, float) and not math.isfinite(v) else fmt.format(v)
-                )
-            rows.append(
-                f"<tr><td>{html.escape(label)}</td>"
-                + "".join(f"<td style='text-align:right'>{c}</td>" for c in cells)
-                + "</tr>"
-            )
-        title = html.escape(self.summary().splitlines()[0])
-        return (
-            f"<div><b>{title}</b><table><thead><tr><th>metric</th>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div>"
+                finite = not (isinstance(v, float) and not math.isfinite(v))
+                cells.append(fmt.format(v) if finite else "n/a")
+            rows.append((label, *cells))
+        return html_table(
+            ("metric", *(q.model for q in cols)), rows, self.summary().splitlines()[0]
         )
 
 
 @dataclass
 class SAETrainingResult:
-    """What :func:`train_sae` returns: the inference SAE, its report, and where it was saved."""
+    """What :func:`train_sae` returns: the inference SAE, its report, and where it was saved.
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> texts = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(8)]
+        >>> r = train_sae(tiny_hooked_transformer(), "blocks.0.hook_resid_post", texts, d_sae=32,
+        ...               k=4, steps=3, batch_tokens=16, progress=False)
+        >>> r.path is None, "<table>" in r._repr_html_(), str(r).startswith("topk SAE")
+        (True, True, True)
+    """
 
     sae: Any
     report: SAEQualityReport
