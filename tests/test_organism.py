@@ -193,6 +193,12 @@ def test_demo_command_end_to_end(organism, demo, result):
     for line in ("emergent misalignment", "persona latent in diff top 10", "PASS"):
         assert line in printed
     assert "FAIL" not in printed  # required checks; open ones print "open"
+    # the second part: the overcomplete SAE, checked with sets of latents
+    assert "with an 8x-overcomplete SAE (512 latents, k 8)" in printed
+    assert "selected set's joint ablation cuts" in printed
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["set_checks"]["passed"] is True
+    assert saved["set_checks"]["selected"] and len(saved["set_checks"]["selected"]) <= 10
     html = (out / "report.html").read_text()
     from modeldiff.report import SECTIONS
 
