@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from modeldiff import corpus as corpus_module
 from modeldiff.corpus import Corpus, build_corpus, chunk_text, content_hash
 from modeldiff.errors import ArgumentError
 from modeldiff.testing import tiny_hooked_transformer
@@ -57,8 +58,9 @@ def test_no_network_is_touched(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    c = build_corpus("python", n=5, seed=1)
-    assert len(c) == 5
+    corpus_module._python_documents.cache_clear()  # read the sources again, not a cached copy
+    c = build_corpus("docs", n=6, seed=1, max_files_per_package=1)
+    assert len(c) == 6
 
 
 def test_bad_arguments_name_the_fix():

@@ -786,7 +786,8 @@ def train_sae(
             norm ``sqrt(d_in)`` while training and folds the scale into the saved weights).
         sae_options, trainer_options: further fields of sae-lens' training-SAE config and of its
             ``SAETrainerConfig`` (checked against them).
-        progress: show progress bars (sae-lens' training bar and the evaluation).
+        progress: show progress bars (training steps with the current MSE, and the evaluation);
+            sae-lens' own bars are always silenced.
 
     Returns:
         :class:`SAETrainingResult` with the inference SAE (``cfg.metadata.hook_name`` is the site,
@@ -890,8 +891,25 @@ def train_sae(
             ),
             curve,
         )
-        with _quiet_trainer_bar(progress):
-            trained = trainer.fit()
+        # our own bar, moved every step (sae-lens' moves every 100 steps, so a slow run looks stuck)
+        bar = tqdm(
+            total=steps, desc=f"train SAE at {site.hook_name}", unit="step", disable=not progress
+        )
+        trainer_step = trainer.step
+
+        def step_with_bar(batch: Tensor) -> Any:
+            output = trainer_step(batch)
+            bar.update(1)
+            if bar.n % 10 == 0 or bar.n == steps:
+                bar.set_postfix(mse=f"{curve[-1]:.4g}", refresh=False)
+            return output
+
+        trainer.step = step_with_bar  # type: ignore[method-assign]
+        try:
+            with _quiet_trainer_bar(False):
+                trained = trainer.fit()
+        finally:
+            bar.close()
     train_seconds = time.perf_counter() - t0
     dead_train = float(trainer.dead_neurons.float().mean())
     sae = to_inference_sae(trained)
