@@ -89,6 +89,19 @@ from .persona import (
     screen_dataset,
 )
 
+# Fine-tuning and data
+from .datasets import list_datasets, narrow_dataset
+from .finetuning import (
+    FinetuneResult,
+    LatentBlock,
+    LossCurve,
+    RealignmentCurve,
+    block_latents,
+    finetune,
+    realign,
+    response_loss,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -174,4 +187,14 @@ __all__ = [
     "top_activations",
     "track_latents",
     "train_sae",
+    "FinetuneResult",
+    "LatentBlock",
+    "LossCurve",
+    "RealignmentCurve",
+    "block_latents",
+    "finetune",
+    "realign",
+    "response_loss",
+    "list_datasets",
+    "narrow_dataset",
 ]
