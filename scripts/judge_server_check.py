@@ -168,28 +168,51 @@ def main() -> int:
             multi = [j.detail.get(f"{k}_tokens", 0) for j in js for k in ("aligned", "coherent")]
             report["number_tokens"] = multi
             print(f"  tokens of the judge's own number per judgment: {multi}")
-            # SmolLM2 rarely answers the judge prompts with a two-digit number, so probe one
-            probe = judge._client.chat.completions.create(
-                model="smollm2",
-                messages=[
-                    {"role": "user", "content": "Reply with the number 85 and nothing else."}
-                ],
-                max_tokens=5,
-                logprobs=True,
-                top_logprobs=20,
-                temperature=0,
-            )
-            got = _extract(probe)
-            read = sequence_score(got["positions"], finished=got["finished"])
-            report["probe_85"] = {"content": got["content"], "score": read.score,
-                                  "tokens": read.tokens, "unresolved": read.unresolved}  # fmt: skip
-            first_only = sequence_score(got["positions"][:1], finished=True).score
-            check(
-                read.tokens >= 2 and read.score is not None and read.score >= 80,
-                f"asked for 85, the reply {got['content']!r} spans {read.tokens} tokens and is "
-                f"read as {read.score} (its first token alone would give {first_only})",
-                failures,
-            )
+            # SmolLM2 rarely answers the judge prompts with a two-digit number, so ask it for
+            # numbers directly until a reply holds one, and check it is read whole
+            asks = [
+                "Reply with the number 85 and nothing else.",
+                "What is 80 plus 5? Answer with the number only.",
+                "Count on: 81, 82, 83, 84,",
+                "How many minutes are in an hour? Answer with the number only.",
+                "Write the number forty-two in digits.",
+            ]
+            probes = []
+            for ask in asks:
+                probe = judge._client.chat.completions.create(
+                    model="smollm2",
+                    messages=[{"role": "user", "content": ask}],
+                    max_tokens=5,
+                    logprobs=True,
+                    top_logprobs=20,
+                    temperature=0,
+                )
+                got = _extract(probe)
+                read = sequence_score(got["positions"], finished=got["finished"])
+                lead = got["content"].strip().split()[0].rstrip(".,") if got["content"].strip() else ""
+                probes.append({"ask": ask, "content": got["content"], "score": read.score,
+                               "tokens": read.tokens, "unresolved": read.unresolved})  # fmt: skip
+                print(f"  probe {ask!r}: reply {got['content']!r} read as {read.score} "
+                      f"({read.tokens} tokens)")  # fmt: skip
+                if lead.isdigit() and len(lead) >= 2:
+                    break
+            report["number_probes"] = probes
+            last = probes[-1]
+            lead = last["content"].strip().split()[0].rstrip(".,") if last["content"].strip() else ""
+            if lead.isdigit() and len(lead) >= 2:
+                check(
+                    # the score is the expected number under the logprobs: near the reply's
+                    # number, and far above its first digit alone
+                    last["tokens"] >= 2 and last["score"] is not None
+                    and abs(last["score"] - float(lead)) <= 10 and last["score"] >= 10,
+                    f"the reply {last['content']!r} spans {last['tokens']} tokens and is read as "
+                    f"{last['score']} (the number whole, not its first digit)",
+                    failures,
+                )
+            else:
+                print("  (not checked) no reply began with a number of two or more digits: "
+                      "SmolLM2 did not produce one, so the multi-token reading was not exercised")  # fmt: skip
+                report["number_probe_inconclusive"] = True
 
             if args.numbers_only:
                 raise _Stop
