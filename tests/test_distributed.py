@@ -27,6 +27,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def top_activations_run(model, sae, prompts, **kw):
+    """top_activations over chunks of 2 prompts (so two ranks share the chunks)."""
+    import modeldiff.interpret as interpret
+
+    saved, interpret._CHUNK_PROMPTS = interpret._CHUNK_PROMPTS, 2
+    try:
+        return interpret.top_activations(
+            model, sae, list(range(8)), prompts, k=3, context=2, progress=False, **kw
+        )
+    finally:
+        interpret._CHUNK_PROMPTS = saved
+
+
 def _worker(out: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -46,14 +59,16 @@ def _worker(out: str) -> None:
         from modeldiff import diff_residuals
 
         resid = diff_residuals(base, tuned, prompts, batch_size=2, distributed=True, progress=False)
+        top = top_activations_run(tuned, sae, prompts, distributed=True)
         rank = dist.get_rank()
         if rank == 0:
             save_file(diff_tensors(d), out)
             save_file({s.hook_name: v for s, v in resid.delta.items()}, f"{out}.resid")
+            top.save(f"{out}.top.json")
             save_file(diff_tensors(written), f"{out}.cache-write")
             save_file(diff_tensors(read), f"{out}.cache-read")
         else:
-            assert d is None and resid is None, "a rank other than 0 must return None"
+            assert d is None and resid is None and top is None, "only rank 0 returns results"
             with open(f"{out}.rank{rank}", "w") as f:
                 f.write("none")
     finally:
@@ -109,6 +124,17 @@ def test_two_gloo_processes_equal_a_single_process_run_bit_for_bit(tmp_path):
         single = diff_residuals(base, tuned, prompts, batch_size=2, progress=False)
     finally:
         torch.set_num_threads(threads)
+    # top_activations: the chunks shared over the ranks, the heaps merged on rank 0
+    import json
+
+    torch.set_num_threads(1)
+    try:
+        alone = top_activations_run(tuned, sae, prompts)
+    finally:
+        torch.set_num_threads(threads)
+    merged = json.loads((tmp_path / "rank0.safetensors.top.json").read_text())
+    assert merged == json.loads(json.dumps(alone.to_dict()))
+    assert sum(len(alone[j]) for j in alone.latents) > 0
     got = load_file(f"{out}.resid")
     assert set(got) == {s.hook_name for s in single.delta}
     for s, v in single.delta.items():

@@ -484,6 +484,7 @@ def top_activations(
     prepend_bos: bool | None = None,
     truncate: bool = False,
     convert_sae: bool = False,
+    distributed: bool = False,
     progress: bool = True,
 ) -> TopActivations:
     """The ``k`` tokens of ``corpus`` where each latent fires most, with their contexts.
@@ -515,6 +516,10 @@ def top_activations(
             keeps all. The count dropped is in ``meta["n_outliers_dropped"]``.
         prepend_bos, truncate: tokenization, as in :func:`~modeldiff.capture`.
         convert_sae: use a copy of the SAE converted to the model's dtype/device.
+        distributed: under ``torchrun``, shard the corpus's chunks (of 512 prompts) over the ranks
+            and merge the heaps on rank 0, which returns the result (the others return
+            ``None``); every rank iterates the same corpus. Equal to one process at the same
+            thread count.
         progress: show a progress bar (over prompts).
 
     Returns:
@@ -551,9 +556,19 @@ def top_activations(
     ]
     n_fired = torch.zeros(len(lat), dtype=torch.long)
     n_tokens = n_outliers = n_prompts = 0
-    bar = tqdm(total=total, desc="top_activations", unit="prompt", disable=not progress)
+    rank, world = 0, 1
+    if distributed:
+        from .distributed import init_from_env
+
+        rank, world = init_from_env()
+    bar = tqdm(
+        total=total, desc="top_activations", unit="prompt", disable=not progress or rank != 0
+    )
     try:
-        for offset, chunk, pos in _chunks(corpus, positions, total):
+        for n_chunk, (offset, chunk, pos) in enumerate(_chunks(corpus, positions, total)):
+            if n_chunk % world != rank:  # another rank's chunk
+                bar.update(len(chunk))
+                continue
             tokenized = tokenize_prompts(model, chunk, prepend_bos=prepend_bos, truncate=truncate)
             selections = _select(tokenized, pos, include_bos)
             n_prompts += len(chunk)
@@ -584,6 +599,11 @@ def top_activations(
                     del b
     finally:
         bar.close()
+    if distributed:
+        merged = _gather_heaps(heaps, n_fired, (n_tokens, n_outliers, n_prompts), k)
+        if merged is None:
+            return None  # type: ignore[return-value]  # not rank 0: its heaps went to rank 0
+        heaps, n_fired, (n_tokens, n_outliers, n_prompts) = merged
     if n_prompts == 0:
         raise PromptError("the corpus is empty; pass at least one prompt")
     if n_tokens == 0 and n_outliers == 0 and isinstance(positions, str):
@@ -634,6 +654,48 @@ def top_activations(
         n_fired={latent: int(n_fired[j]) for j, latent in enumerate(lat)},
         meta=meta,
     )
+
+
+def _gather_heaps(
+    heaps: list[list[Any]], n_fired: Tensor, counts: tuple[int, int, int], k: int
+) -> tuple[list[list[Any]], Tensor, tuple[int, int, int]] | None:
+    """Every rank's heaps and counts, merged on rank 0 (``None`` elsewhere). The heap entries
+    travel as JSON bytes in a uint8 tensor (nothing pickled); keys are total orders, so the
+    merged top ``k`` is the one a single process keeps (json writes and reads inf and NaN)."""
+    import torch.distributed as dist
+
+    from .distributed import gather_states
+
+    world = dist.get_world_size()
+    local = {
+        "heaps": [[[v, p, q, [w[0], list(w[1]), list(w[2])]] for v, p, q, w in h] for h in heaps],
+        "n_fired": n_fired.tolist(),
+        "counts": list(counts),
+    }  # fmt: skip
+    raw = torch.tensor(list(json.dumps(local).encode()), dtype=torch.uint8)
+    parts: list[dict[str, Any]] = []
+    is_root = gather_states(
+        world,
+        lambda _k: {"json": raw},
+        {"json": torch.zeros(0, dtype=torch.uint8)},
+        lambda state: parts.append(json.loads(bytes(state["json"].tolist()).decode())),
+    )
+    if not is_root:
+        return None
+    merged: list[list[Any]] = [[] for _ in heaps]
+    fired = torch.zeros_like(n_fired)
+    totals = [0, 0, 0]
+    for part in parts:
+        for j, h in enumerate(part["heaps"]):
+            for v, p, q, w in h:
+                window = (int(w[0]), tuple(int(i) for i in w[1]), tuple(float(a) for a in w[2]))
+                merged[j].append((float(v), int(p), int(q), window))
+        fired += torch.tensor(part["n_fired"], dtype=fired.dtype)
+        totals = [a + int(b) for a, b in zip(totals, part["counts"], strict=True)]
+    for j in range(len(merged)):  # the best k by (activation, earlier prompt, earlier position)
+        merged[j] = sorted(merged[j], key=lambda e: e[:3], reverse=True)[:k]
+        heapq.heapify(merged[j])
+    return merged, fired, (totals[0], totals[1], totals[2])
 
 
 def _scan_batch(
