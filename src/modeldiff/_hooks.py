@@ -57,7 +57,21 @@ def hook_point(model: Any, name: str) -> Any:
 
 
 class HookHandle:
-    """One forward hook we added. ``remove()`` takes off exactly that hook; calling it twice is fine."""
+    """One forward hook we added. ``remove()`` takes off exactly that hook; calling it twice is fine.
+
+    Example:
+        >>> removed = []
+        >>> h = HookHandle(lambda: removed.append("hook"))
+        >>> h.active
+        True
+        >>> h.remove(); h.remove()
+        >>> h.active, removed
+        (False, ['hook'])
+        >>> with HookHandle(lambda: removed.append("again")):
+        ...     pass
+        >>> removed
+        ['hook', 'again']
+    """
 
     __slots__ = ("_undo",)
 

@@ -52,7 +52,18 @@ class AdapterError(ModeldiffError, TypeError):
 
 
 class DecodeState:
-    """What an adapter keeps between decoding steps (its KV cache); opaque to callers."""
+    """What an adapter keeps between decoding steps (its KV cache); opaque to callers.
+
+    Example:
+        >>> import torch
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> a = adapter_for(tiny_hooked_transformer())
+        >>> logits, state = a.prefill(torch.tensor([[1, 5, 6]]), torch.ones(1, 3, dtype=torch.long))
+        >>> type(state).__name__
+        'DecodeState'
+        >>> a.step(state, torch.tensor([[7]]), torch.ones(1, 4, dtype=torch.long)).shape
+        torch.Size([1, 1, 474])
+    """
 
     __slots__ = ("cache",)
 
@@ -539,7 +550,19 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def unregister_adapter(cls: type[ModelAdapter]) -> None:
-    """Remove an adapter class registered with :func:`register_adapter` (and its cached uses)."""
+    """Remove an adapter class registered with :func:`register_adapter` (and its cached uses).
+
+    Example:
+        >>> class Mine(ModelAdapter):
+        ...     name = "mine"
+        ...     @classmethod
+        ...     def matches(cls, model):
+        ...         return False
+        >>> _ = register_adapter(Mine)
+        >>> unregister_adapter(Mine)
+        >>> "mine" in registered_adapters()
+        False
+    """
     if cls in _REGISTRY:
         _REGISTRY.remove(cls)
     for model in list(_CACHED):
@@ -550,7 +573,12 @@ def unregister_adapter(cls: type[ModelAdapter]) -> None:
 
 
 def registered_adapters() -> list[str]:
-    """Names of the registered adapters, in the order they are tried."""
+    """Names of the registered adapters, in the order they are tried.
+
+    Example:
+        >>> registered_adapters()
+        ['native', 'hooked', 'bridge']
+    """
     return [c.name for c in _REGISTRY]
 
 
@@ -558,6 +586,14 @@ def set_adapter(model: Any, adapter: ModelAdapter) -> ModelAdapter:
     """Use ``adapter`` for ``model`` from now on (what ``load_model(..., layers=...)`` does).
 
     The adapter is kept on the model object, so it lives exactly as long as the model.
+
+    Example:
+        >>> from modeldiff.adapters import HookedAdapter
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> m = tiny_hooked_transformer()
+        >>> mine = set_adapter(m, HookedAdapter(m))
+        >>> adapter_for(m) is mine
+        True
     """
     if not isinstance(getattr(model, "__dict__", None), dict):
         raise AdapterError(

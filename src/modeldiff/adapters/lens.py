@@ -83,6 +83,13 @@ class BridgeAdapter(_LensAdapter):
 
     Decodes without a KV cache: TL 3.9's Bridge cache gives wrong tokens for rotary models and
     left-padded batches (see docs/generation.md), and recomputing matches transformers exactly.
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> BridgeAdapter.name, BridgeAdapter.supports_cache
+        ('bridge', False)
+        >>> BridgeAdapter.matches(tiny_hooked_transformer())  # a HookedTransformer is not a Bridge
+        False
     """
 
     name = "bridge"
@@ -120,7 +127,15 @@ class BridgeAdapter(_LensAdapter):
 
 @register_adapter
 class HookedAdapter(_LensAdapter):
-    """A TransformerLens ``HookedTransformer`` (or ``HookedSAETransformer``), with TL's KV cache."""
+    """A TransformerLens ``HookedTransformer`` (or ``HookedSAETransformer``), with TL's KV cache.
+
+    Example:
+        >>> from modeldiff.adapters import adapter_for
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> a = adapter_for(tiny_hooked_transformer())
+        >>> type(a).__name__, a.supports_cache, a.weights_processed
+        ('HookedAdapter', True, False)
+    """
 
     name = "hooked"
     supports_cache = True
