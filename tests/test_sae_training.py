@@ -12,6 +12,7 @@ import torch
 
 from modeldiff import Site, load_model, load_sae
 from modeldiff._io import SaveError
+from modeldiff.corpus import Corpus
 from modeldiff.errors import ArgumentError
 from modeldiff.sae_training import SAEQualityReport, evaluate_sae, train_sae
 from modeldiff.testing import save_tiny_hf_model, tiny_hooked_transformer
@@ -272,10 +273,11 @@ def test_saved_folder_loads_in_modeldiff_and_sae_lens(trained, hooked, tmp_path)
     from sae_lens import SAE
 
     folder = tmp_path / "sae"
+    corpus = Corpus(TRAIN[:20], manifest={"kind": "hand-written"})
     result = train_sae(
         hooked,
         "blocks.0.hook_resid_post",
-        TRAIN[:20],
+        corpus,
         d_sae=64,
         k=4,
         steps=5,
@@ -290,6 +292,7 @@ def test_saved_folder_loads_in_modeldiff_and_sae_lens(trained, hooked, tmp_path)
         assert Site.from_sae(loaded) == Site.resid_post(0)
         torch.testing.assert_close(loaded.encode(x), result.sae.encode(x), rtol=0, atol=0)
     assert SAEQualityReport.load(folder) == result.report
+    assert result.report.corpus == corpus.manifest  # the corpus it was trained on, by hash
     with pytest.raises(SaveError, match="overwrite=True"):
         train_sae(hooked, "blocks.0.hook_resid_post", TRAIN[:4], d_sae=8, k=2, steps=1,
                   batch_tokens=8, out=folder, progress=False)  # fmt: skip

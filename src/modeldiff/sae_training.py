@@ -968,7 +968,7 @@ def train_sae(
         dead_fraction_train=dead_train,
         train_seconds=train_seconds,
         mse_curve=tuple(curve),
-        corpus=_corpus_info(prompts),
+        corpus=_corpus_info(corpus),
         versions=_versions(),
     )
     path = _save_folder(sae, report, Path(out), overwrite) if out is not None else None
