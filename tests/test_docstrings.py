@@ -30,18 +30,9 @@ EXEMPT_EXCEPTIONS = True
 # test_backlog_of_missing_examples (an expected failure naming each one) until they have one.
 # Remove a name when you add its example; nothing new may join this list.
 BACKLOG = {
-    "modeldiff.cache.ActivationCache",
-    "modeldiff.cache.CacheWriter",
-    "modeldiff.checkpoint.load_checkpoint",
-    "modeldiff.checkpoint.save_checkpoint",
     "modeldiff.config.TokenSelection",
     "modeldiff.config.Uncertainty",
     "modeldiff.config.unpack",
-    "modeldiff.distributed.gather_batches",
-    "modeldiff.distributed.gather_states",
-    "modeldiff.distributed.init_from_env",
-    "modeldiff.distributed.pack_state",
-    "modeldiff.distributed.unpack_state",
     "modeldiff.evals.contrastive.ContrastiveRow",
     "modeldiff.evals.judges.SequenceScore",
     "modeldiff.evals.scores.QuestionStats",

@@ -64,6 +64,24 @@ def _shard(folder: Path, role: str, k: int) -> Path:
 class ActivationCache:
     """A complete activation cache folder (read-only): its manifest and its batches.
 
+    Example:
+        >>> import tempfile
+        >>> from modeldiff.sites import Site
+        >>> site = Site.resid_post(0)
+        >>> b = CaptureBatch(acts={site: torch.ones(2, 4)}, prompt_index=torch.tensor([0, 1]),
+        ...                  position=torch.tensor([0, 0]), token=torch.tensor([5, 6]),
+        ...                  norm_ratio={site: torch.ones(2)})
+        >>> w = CacheWriter(tempfile.mkdtemp(), {"site": site.hook_name, "n_batches": 1, "nbytes": 64})
+        >>> w.write("base", 0, b, site); w.write("finetuned", 0, b, site)
+        >>> c = ActivationCache(w.finish().folder)
+        >>> c.site, c.nbytes, c.batch("finetuned", 0).acts[site].shape
+        (Site.resid_post(0), 64, torch.Size([2, 4]))
+        >>> try:
+        ...     c.check({"n_batches": 2})  # a run with another batch plan is refused
+        ... except ArgumentError as err:
+        ...     print(str(err).split(": ", 1)[1].split(". ")[0])
+        n_batches (cache: 1, this run: 2)
+
     Raises:
         MissingFileError: no such folder.
         FileFormatError: the folder has no manifest (a write was interrupted, or it is not a cache)
@@ -145,7 +163,23 @@ class ActivationCache:
 
 
 class CacheWriter:
-    """Writes a cache batch by batch: shards atomically, the manifest last (see the module)."""
+    """Writes a cache batch by batch: shards atomically, the manifest last (see the module).
+
+    Example:
+        >>> import os, tempfile
+        >>> from modeldiff.sites import Site
+        >>> site = Site.resid_post(0)
+        >>> b = CaptureBatch(acts={site: torch.zeros(1, 4)}, prompt_index=torch.tensor([0]),
+        ...                  position=torch.tensor([0]), token=torch.tensor([5]),
+        ...                  norm_ratio={site: torch.ones(1)})
+        >>> folder = tempfile.mkdtemp()
+        >>> w = CacheWriter(folder, {"site": site.hook_name, "n_batches": 1, "nbytes": 32})
+        >>> w.write("base", 0, b, site); w.write("finetuned", 0, b, site)
+        >>> sorted(os.listdir(folder))  # no manifest yet: not a complete cache
+        ['base-000000.safetensors', 'finetuned-000000.safetensors']
+        >>> len(list(w.finish().batches("base")))
+        1
+    """
 
     def __init__(self, folder: str | Path, manifest: Mapping[str, Any]) -> None:
         self.folder = Path(folder)

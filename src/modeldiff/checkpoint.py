@@ -115,7 +115,17 @@ def save_checkpoint(
     counters: Mapping[str, int],
 ) -> None:
     """Write ``stats`` (named statistics with ``state_dict()``), integer ``counters`` and the run
-    ``fingerprint`` (JSON-ready) to ``path`` atomically, as safetensors."""
+    ``fingerprint`` (JSON-ready) to ``path`` atomically, as safetensors.
+
+    Example:
+        >>> import tempfile
+        >>> from modeldiff.stats import SiteStats
+        >>> path = Path(tempfile.mkdtemp()) / "run.ckpt"
+        >>> stats = {"base": SiteStats(3, 2), "finetuned": SiteStats(3, 2)}
+        >>> save_checkpoint(path, {"n_batches": 4}, stats, {"next_batch": 2, "outliers": 0})
+        >>> path.exists()
+        True
+    """
     tensors: dict[str, Tensor] = {}
     for name, st in stats.items():
         if "." in name:
@@ -138,6 +148,20 @@ def load_checkpoint(
     """Read a checkpoint written by :func:`save_checkpoint` for the run ``fingerprint``.
 
     Returns ``(statistics by name, counters)``.
+
+    Example:
+        >>> import tempfile
+        >>> from modeldiff.stats import SiteStats
+        >>> path = Path(tempfile.mkdtemp()) / "run.ckpt"
+        >>> save_checkpoint(path, {"n_batches": 4}, {"base": SiteStats(3, 2)}, {"next_batch": 2})
+        >>> stats, counters = load_checkpoint(path, {"n_batches": 4})
+        >>> sorted(stats), counters
+        (['base'], {'next_batch': 2})
+        >>> try:
+        ...     load_checkpoint(path, {"n_batches": 5})
+        ... except ArgumentError as err:
+        ...     print(str(err).split(": ", 1)[1].split(". ")[0])
+        n_batches (checkpoint: 4, this run: 5)
 
     Raises:
         ArgumentError: the checkpoint belongs to another run (the message lists what differs).

@@ -40,7 +40,23 @@ __all__ = ["gather_batches", "gather_states", "init_from_env", "pack_state", "un
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, initialising it from torchrun's
-    environment when needed (``nccl`` with CUDA, else ``gloo``, unless ``backend`` says)."""
+    environment when needed (``nccl`` with CUDA, else ``gloo``, unless ``backend`` says).
+
+    Example:
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ):  # not under torchrun: no group, no environment
+        ...     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        ...         _ = os.environ.pop(var, None)
+        ...     try:
+        ...         init_from_env()
+        ...     except ArgumentError as err:
+        ...         print(str(err).split(":")[0])
+        distributed=True needs a process group, and RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not set
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> init_from_env()  # the caller's group is used as it is
+        (0, 1)
+        >>> dist.destroy_process_group()
+    """
     if not dist.is_available():
         raise ArgumentError(
             "this torch build has no torch.distributed; run without distributed=True"
@@ -64,7 +80,13 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
 
 
 def pack_state(state: Mapping[str, Tensor]) -> tuple[UInt8[Tensor, " n"], Int[Tensor, " k"]]:
-    """A state dict as one byte tensor and the byte size of each entry (keys in sorted order)."""
+    """A state dict as one byte tensor and the byte size of each entry (keys in sorted order).
+
+    Example:
+        >>> buf, sizes = pack_state({"b": torch.zeros(2, dtype=torch.int64), "a": torch.ones(3)})
+        >>> buf.dtype, sizes.tolist()  # "a": 3 float32 (12 bytes), then "b": 2 int64 (16 bytes)
+        (torch.uint8, [12, 16])
+    """
     parts = [
         state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8) for k in sorted(state)
     ]
@@ -77,7 +99,14 @@ def unpack_state(
     buf: UInt8[Tensor, " n"], sizes: Int[Tensor, " k"], template: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
     """Invert :func:`pack_state`; ``template`` (a state dict of the same kind) gives each entry's
-    dtype and whether it is a scalar."""
+    dtype and whether it is a scalar.
+
+    Example:
+        >>> state = {"count": torch.tensor(7), "mean": torch.tensor([0.5, -1.0], dtype=torch.float64)}
+        >>> out = unpack_state(*pack_state(state), template=state)
+        >>> out["count"], out["mean"]
+        (tensor(7), tensor([ 0.5000, -1.0000], dtype=torch.float64))
+    """
     out, at = {}, 0
     for key, n in zip(sorted(template), sizes.tolist(), strict=True):
         t = buf[at : at + n].clone().view(template[key].dtype)  # clone: aligned for the view
@@ -106,6 +135,16 @@ def gather_states(
     ``k % world_size``; after each round of ``world_size`` batches the states travel to rank 0 as
     bytes (an ``all_gather`` of their sizes, then a ``gather`` of the padded bytes, nothing
     pickled). Every rank must call this with the same ``n_batches``.
+
+    Example:
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> seen = []
+        >>> gather_states(3, lambda k: {"x": torch.full((2,), float(k))}, {"x": torch.zeros(2)},
+        ...               lambda state: seen.append(state["x"].tolist()))
+        True
+        >>> seen  # in global batch order
+        [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+        >>> dist.destroy_process_group()
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = _device()
@@ -150,6 +189,19 @@ def gather_batches(
     ``run_batch(k)`` returns batch ``k``'s fresh ``(base, fine-tuned)`` statistics and its outlier
     count. Returns the total outlier count on rank 0, ``None`` on the other ranks (whose ``stats``
     stay untouched). Every rank must call this with the same ``n_batches``.
+
+    Example:
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> def run_batch(k):
+        ...     base, tuned = SiteStats(3, 2), SiteStats(3, 2)
+        ...     for st in (base, tuned):
+        ...         st.update(torch.ones(1, 3), torch.ones(1, 2),
+        ...                   prompt_index=torch.tensor([k]), position=torch.tensor([0]))
+        ...     return base, tuned, 1  # one outlier dropped in each batch
+        >>> stats = (SiteStats(3, 2), SiteStats(3, 2))
+        >>> gather_batches(2, run_batch, stats), stats[0].latents.count, stats[1].latents.count
+        (2, 2, 2)
+        >>> dist.destroy_process_group()
     """
     d_sae, d_model = stats[0].latents.d_sae, stats[0].resid.d
     track = stats[0].latents.track_prompts
