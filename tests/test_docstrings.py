@@ -30,9 +30,6 @@ EXEMPT_EXCEPTIONS = True
 # test_backlog_of_missing_examples (an expected failure naming each one) until they have one.
 # Remove a name when you add its example; nothing new may join this list.
 BACKLOG = {
-    "modeldiff.config.TokenSelection",
-    "modeldiff.config.Uncertainty",
-    "modeldiff.config.unpack",
     "modeldiff.evals.contrastive.ContrastiveRow",
     "modeldiff.evals.judges.SequenceScore",
     "modeldiff.evals.scores.QuestionStats",

@@ -26,7 +26,12 @@ TestName = Literal["permutation", "t"]
 
 @dataclass(frozen=True)
 class TokenSelection:
-    """Which tokens a diff reads: see :func:`~modeldiff.diff_latents` for each field."""
+    """Which tokens a diff reads: see :func:`~modeldiff.diff_latents` for each field.
+
+    Example:
+        >>> TokenSelection(positions="user", include_bos=True)
+        TokenSelection(positions='user', include_bos=True, outlier_factor=10.0, prepend_bos=None, truncate=False)
+    """
 
     positions: Union[PositionName, Any] = "prompt"
     include_bos: bool = False
@@ -37,7 +42,13 @@ class TokenSelection:
 
 @dataclass(frozen=True)
 class Uncertainty:
-    """Prompt-level intervals and tests: ``latents`` is ``"all"``, a top/bottom ``k``, or None."""
+    """Prompt-level intervals and tests: ``latents`` is ``"all"``, a top/bottom ``k``, or None.
+
+    Example:
+        >>> u = Uncertainty(latents=50, n_bootstrap=200)
+        >>> u.latents, u.test, u.n_bootstrap, u.confidence
+        (50, 'permutation', 200, 0.95)
+    """
 
     latents: Union[Literal["all"], int, None] = "all"
     test: TestName = "permutation"
@@ -54,6 +65,16 @@ def unpack(
 
     A flat keyword that differs from its default alongside a group that sets it too is refused:
     one call must not say two things.
+
+    Example:
+        >>> unpack(TokenSelection(positions="user"), TokenSelection, {"positions": "prompt"})
+        {'positions': 'user', 'include_bos': False, 'outlier_factor': 10.0, 'prepend_bos': None, 'truncate': False}
+        >>> unpack(None, TokenSelection, {"positions": "prompt"})  # no group: the keywords as given
+        {'positions': 'prompt'}
+        >>> unpack(TokenSelection(positions="user"), TokenSelection, {"positions": "all"})
+        Traceback (most recent call last):
+        ...
+        modeldiff.errors.ArgumentError: positions='all' and TokenSelection(positions='user') disagree; set it in one place
     """
     if group is None:
         return given
