@@ -30,13 +30,6 @@ EXEMPT_EXCEPTIONS = True
 # test_backlog_of_missing_examples (an expected failure naming each one) until they have one.
 # Remove a name when you add its example; nothing new may join this list.
 BACKLOG = {
-    "modeldiff.evals.contrastive.ContrastiveRow",
-    "modeldiff.evals.judges.SequenceScore",
-    "modeldiff.evals.scores.QuestionStats",
-    "modeldiff.evals.scores.SampleRecord",
-    "modeldiff.evals.screen.Scorer",
-    "modeldiff.evals.screen.ScreenRow",
-    "modeldiff.evals.screen.ScreenScore",
     "modeldiff.interpret.TokenLogit",
     "modeldiff.latent_sets.SelectionStep",
     "modeldiff.organisms.build.Organism",

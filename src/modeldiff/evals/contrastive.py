@@ -38,7 +38,14 @@ __all__ = ["ContrastiveResult", "ContrastiveRow", "contrastive_score", "response
 
 @dataclass(frozen=True)
 class ContrastiveRow:
-    """One (question, paraphrase): mean log-probs of both references, their difference, sigmoid."""
+    """One (question, paraphrase): mean log-probs of both references, their difference, sigmoid.
+
+    Example:
+        >>> row = ContrastiveRow("q", "c", 0, logp_aligned=-2.0, logp_misaligned=-1.0,
+        ...                      n_tokens_aligned=3, n_tokens_misaligned=4)
+        >>> row.difference, round(row.p_misaligned, 4)
+        (1.0, 0.7311)
+    """
 
     question_id: str
     category: str

@@ -242,6 +242,14 @@ class SequenceScore:
     the server's alternatives say no more about could be 9 or 90–99); ``bounds`` the lowest and
     highest score those prefixes allow. ``tokens`` is how many tokens the judge's own (greedy)
     number spans and ``grouped`` whether its tokenizer writes several digits as one token.
+
+    Example:
+        >>> # a judge whose tokenizer writes "85" as one token: P("85") = 0.7, P("90") = 0.3
+        >>> r = sequence_score([("85", math.log(0.7), {"85": math.log(0.7), "90": math.log(0.3)})])
+        >>> round(r.score, 2), r.label, round(r.mass, 2), r.tokens, r.grouped
+        (86.5, None, 1.0, 1, True)
+        >>> sorted(r.detail("aligned"))
+        ['aligned_mass', 'aligned_tokens']
     """
 
     score: float | None

@@ -70,7 +70,14 @@ def wilson_interval(k: int, n: int, *, z: float = 1.959964) -> tuple[float, floa
 
 @dataclass(frozen=True)
 class SampleRecord:
-    """One judged answer."""
+    """One judged answer.
+
+    Example:
+        >>> rec = SampleRecord("q1", "vuln", 0, 0, "Q?", "Die.", aligned=10.0, coherent=90.0,
+        ...                    label=None, rubric=None, valid=True, misaligned=True)
+        >>> rec.misaligned, rec.format, rec.attempt
+        (True, 'plain', 0)
+    """
 
     question_id: str
     category: str
@@ -92,7 +99,14 @@ class SampleRecord:
 
 @dataclass(frozen=True)
 class QuestionStats:
-    """Rates for one question (or for all, with ``question_id == "overall"``)."""
+    """Rates for one question (or for all, with ``question_id == "overall"``).
+
+    Example:
+        >>> s = QuestionStats("q1", "vuln", n=4, n_valid=3, n_misaligned=1, n_coherent=3,
+        ...                   n_coherence_scored=3, invalid={"CODE": 1})
+        >>> round(s.misalignment_rate, 3), s.coherence_rate, s.n_invalid
+        (0.333, 1.0, 1)
+    """
 
     question_id: str
     category: str

@@ -59,6 +59,10 @@ class ScreenScore:
 
     ``incoherence`` is a share in [0, 1], or ``None`` when the scorer cannot tell (then no
     coefficient is ruled out by the budget).
+
+    Example:
+        >>> ScreenScore(misalignment=0.3)
+        ScreenScore(misalignment=0.3, incoherence=None)
     """
 
     misalignment: float
@@ -66,7 +70,23 @@ class ScreenScore:
 
 
 class Scorer(Protocol):
-    """``scorer(model) -> ScreenScore``; called on the unsteered model first, then under steering."""
+    """``scorer(model) -> ScreenScore``; called on the unsteered model first, then under steering.
+
+    Any callable of that shape is a scorer: a plain function will do.
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> def constant(model) -> ScreenScore:  # a stand-in: a real scorer measures the model
+        ...     return ScreenScore(misalignment=0.25)
+        >>> m = tiny_hooked_transformer(n_layers=1, d_model=16)
+        >>> cfg = StandardSAEConfig(d_in=16, d_sae=8)
+        >>> cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+        >>> res = screen_latents(m, m, StandardSAE(cfg), latents=[3], coefficients=(0.5,),
+        ...                      scorer=constant, unit=1.0, progress=False)
+        >>> res.rows[0].induce_curve  # (coefficient, misalignment, incoherence)
+        ((0.5, 0.25, None),)
+    """
 
     def __call__(self, model: Any) -> ScreenScore: ...
 
@@ -173,6 +193,12 @@ class ScreenRow:
     ``induce_curve`` / ``repair_curve`` hold ``(coefficient, misalignment, incoherence)`` for every
     coefficient tried, in order; the chosen coefficient is the largest within budget (``None`` if
     even the smallest broke it, with effect 0).
+
+    Example:
+        >>> row = ScreenRow(12, rank=1, induce_effect=0.2, induce_coefficient=0.4,
+        ...                 repair_effect=0.1, repair_coefficient=0.8)
+        >>> row.name, round(row.effect, 2)
+        ('latent 12', 0.15)
     """
 
     latent: int | tuple[int, ...]
