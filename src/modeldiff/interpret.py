@@ -768,7 +768,17 @@ def _scan_batch(
 
 @dataclass(frozen=True)
 class TokenLogit:
-    """One token of a logit-lens reading: its id, its text and the logit the direction gives it."""
+    """One token of a logit-lens reading: its id, its text and the logit the direction gives it.
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> model = tiny_hooked_transformer()
+        >>> top = logit_lens(model, model.W_U[:, 42].detach(), k=3).promoted[0]
+        >>> type(top).__name__, top.token_id
+        ('TokenLogit', 42)
+        >>> TokenLogit(5, "fox", 2.0).to_dict()
+        {'token_id': 5, 'token': 'fox', 'logit': 2.0}
+    """
 
     token_id: int
     token: str

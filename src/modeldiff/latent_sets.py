@@ -265,6 +265,12 @@ class SelectionStep:
     ``effect`` is the scorer's change in the intended direction (ablation: fine-tuned minus
     ablated misalignment; steering: steered minus base misalignment). ``tried`` maps every
     candidate tried at this step to its effect.
+
+    Example:
+        >>> step = SelectionStep(size=2, added=7, latents=(4, 7), effect=0.6, misalignment=0.2,
+        ...                      incoherence=None, tried={7: 0.6, 9: 0.55})
+        >>> step.latents, max(step.tried, key=step.tried.get)  # the best candidate was added
+        ((4, 7), 7)
     """
 
     size: int

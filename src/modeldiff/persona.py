@@ -805,7 +805,15 @@ def projection_shift(
 
 @dataclass(frozen=True)
 class ScreenedExample:
-    """One training example's place in a :class:`DatasetScreen`."""
+    """One training example's place in a :class:`DatasetScreen`.
+
+    Example:
+        >>> import torch
+        >>> s = DatasetScreen(Site.resid_post(0), torch.tensor([0.0, 2.0]), torch.tensor([0.5, 0.5]),
+        ...                   ["ok", "bad"], ["fine", "fine"])
+        >>> s.top(1)[0]
+        ScreenedExample(rank=1, index=1, delta_p=1.5, proj_dataset=2.0, proj_own=0.5, response='bad', own_response='fine')
+    """
 
     rank: int  # 1 = highest ΔP
     index: int  # position in the dataset
