@@ -62,6 +62,15 @@ class TokenizedPrompt:
     assistant turns (the response included): no chat-template tokens, no system prompt a template
     inserts by itself. For a plain-string prompt the whole prompt (BOS excluded) is the user's.
     ``None`` when they could not be located (a slow tokenizer without offsets).
+
+    Example:
+        >>> from modeldiff.testing import make_tokenizer
+        >>> tok = make_tokenizer()
+        >>> [tp] = tokenize_prompts(tok, [("Hello", " world")], prepend_bos=True)
+        >>> tp.has_bos, tok.decode(tp.ids[: tp.n_prompt]), tok.decode(tp.ids[tp.n_prompt :])
+        (True, '<s>Hello', ' world')
+        >>> tp.user, tp.assistant  # positions of "Hello" and of " world"
+        ((1,), (2,))
     """
 
     ids: tuple[int, ...]

@@ -51,7 +51,19 @@ def benjamini_hochberg(p: Float[Tensor, " m"]) -> Float[Tensor, " m"]:
 
 @dataclass(frozen=True)
 class PairedResult:
-    """Prompt-level uncertainty for a set of latents (see :func:`paired_uncertainty`)."""
+    """Prompt-level uncertainty for a set of latents (see :func:`paired_uncertainty`).
+
+    One entry per latent in each tensor.
+
+    Example:
+        >>> import torch
+        >>> d = torch.tensor([[1.0, 0.1], [2.0, -0.2], [1.5, 0.05], [1.2, 0.0], [0.9, -0.1], [1.1, 0.2]])
+        >>> r = paired_uncertainty(d, torch.tensor([2, 2, 3, 2, 2, 3]), n_bootstrap=200)
+        >>> r.method, r.p_floor, r.p_value.tolist()
+        ('sign-flip permutation (exact, 6 prompts)', 0.03125, [0.03125, 1.0])
+        >>> bool(r.ci_low[0] > 0), bool(r.ci_low[1] < 0 < r.ci_high[1])
+        (True, True)
+    """
 
     ci_low: Float[Tensor, " k"]
     ci_high: Float[Tensor, " k"]
