@@ -625,6 +625,13 @@ class Stat(Protocol):
 
     ``state_dict()`` is a flat ``dict[str, Tensor]`` (safetensors-ready) whose ``stat.kind`` entry
     names the class, so :func:`stat_from_state_dict` rebuilds any registered statistic from a file.
+
+    Example:
+        >>> a, b = VectorStats(2), VectorStats(2)
+        >>> a.update(torch.tensor([[1.0, 3.0]])); b.update(torch.tensor([[3.0, 5.0]]))
+        >>> merged = a.copy().merge(b)  # two shards of tokens folded into one
+        >>> merged.mean.tolist(), stat_from_state_dict(merged.state_dict()).mean.tolist()
+        ([2.0, 4.0], [2.0, 4.0])
     """
 
     def merge(self, other: Any) -> Any: ...
@@ -640,7 +647,32 @@ STAT_KINDS: dict[str, type] = {}
 
 
 def register_stat(cls: type) -> type:
-    """Make ``cls`` (a :class:`Stat` with ``from_state_dict``) rebuildable by its kind tag."""
+    """Make ``cls`` (a :class:`Stat` with ``from_state_dict``) rebuildable by its kind tag.
+
+    Example:
+        >>> class Count:
+        ...     def __init__(self, n=0):
+        ...         self.n = n
+        ...     def merge(self, other):
+        ...         self.n += other.n
+        ...         return self
+        ...     def copy(self):
+        ...         return Count(self.n)
+        ...     def state_dict(self):
+        ...         kind = torch.tensor(list(b"Count"), dtype=torch.uint8)  # the class name
+        ...         return {"stat.kind": kind, "n": torch.tensor(self.n)}
+        ...     def load_state_dict(self, state):
+        ...         self.n = int(state["n"])
+        ...     @classmethod
+        ...     def from_state_dict(cls, state):
+        ...         out = cls()
+        ...         out.load_state_dict(state)
+        ...         return out
+        >>> _ = register_stat(Count)
+        >>> stat_from_state_dict(Count(3).merge(Count(4)).state_dict()).n
+        7
+        >>> del STAT_KINDS["Count"]  # leave the registry as it was
+    """
     if not hasattr(cls, "from_state_dict"):
         raise ArgumentError(f"{cls.__name__} needs a from_state_dict(state) classmethod")
     STAT_KINDS[cls.__name__] = cls
