@@ -178,9 +178,9 @@ class SAEQualityReport:
     n_train_prompts: int = 0
     n_eval_prompts: int = 0
     n_train_tokens: int = 0  # tokens fed to the trainer (steps × batch_tokens)
-    n_corpus_tokens: int = 0  # kept tokens in one pass over the training prompts
-    n_train_outliers: int = 0  # outlier tokens left out in one pass
-    epochs: float = 0.0  # passes over the training prompts the trainer consumed
+    n_corpus_tokens: int = 0  # kept tokens read in the first pass over the training prompts
+    n_train_outliers: int = 0  # outlier tokens left out in that pass
+    epochs: float = 0.0  # passes over the training prompts read (the buffer reads a little ahead)
     dead_fraction_train: float = math.nan  # sae-lens' dead latents at the end (its window)
     train_seconds: float = 0.0
     mse_curve: tuple[float, ...] = ()
@@ -320,6 +320,7 @@ class _StreamStats:
         self.outliers_first_epoch = 0
         self.tokens_total = 0
         self.tokens_per_epoch = 0
+        self.prompts_read = 0  # over all passes; / len(prompts) = passes read
 
 
 def _permute_positions(positions: Positions, order: list[int]) -> Positions:
@@ -359,6 +360,7 @@ def _kept_stream(
             ratio = b.norm_ratio[site]
             keep = torch.isfinite(ratio) & (ratio <= outlier_factor)
             acts = b.acts[site][keep.to(b.acts[site].device)].float()
+            stats.prompts_read += int(b.prompt_index.unique().numel())
             if epoch == 0:
                 stats.tokens_first_epoch += int(keep.sum())
                 stats.outliers_first_epoch += int((~keep).sum())
@@ -942,7 +944,6 @@ def train_sae(
             tokenized=eval_tok,
             progress=progress,
         )
-    per_epoch = max(1, stats.tokens_per_epoch or stats.tokens_total)
     report = SAEQualityReport(
         site=site.hook_name,
         architecture=architecture,
@@ -964,7 +965,7 @@ def train_sae(
         n_train_tokens=steps * batch_tokens,
         n_corpus_tokens=stats.tokens_first_epoch,
         n_train_outliers=stats.outliers_first_epoch,
-        epochs=stats.tokens_total / per_epoch,
+        epochs=stats.prompts_read / max(1, len(train_tok)),
         dead_fraction_train=dead_train,
         train_seconds=train_seconds,
         mse_curve=tuple(curve),
