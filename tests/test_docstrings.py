@@ -33,9 +33,6 @@ BACKLOG = {
     "modeldiff.organisms.build.Organism",
     "modeldiff.organisms.build.build_persona_organism",
     "modeldiff.organisms.world.WorldBatch",
-    "modeldiff.rankings.compute_ranking",
-    "modeldiff.rankings.register_ranking",
-    "modeldiff.rankings.unregister_ranking",
     "modeldiff.saes.model_dtype_device",
 }
 

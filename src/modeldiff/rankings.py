@@ -40,7 +40,19 @@ _BUILTIN: set[str] = set()
 
 
 def register_ranking(name: str, fn: RankingFn | None = None, *, overwrite: bool = False) -> Any:
-    """Register ``fn(stats, sae) -> scores`` as ranking ``name`` (also usable as a decorator)."""
+    """Register ``fn(stats, sae) -> scores`` as ranking ``name`` (also usable as a decorator).
+
+    Example:
+        >>> def fires_more(stats, sae):  # firing count fine-tuned − base
+        ...     return (stats[1].latents.fire - stats[0].latents.fire).double()
+        >>> register_ranking("fires_more", fires_more) is fires_more
+        True
+        >>> register_ranking("delta", fires_more)
+        Traceback (most recent call last):
+        ...
+        modeldiff.errors.ArgumentError: a ranking 'delta' is registered already; pass overwrite=True to replace it (it is a built-in)
+        >>> unregister_ranking("fires_more")
+    """
     if not isinstance(name, str) or not name.isidentifier():
         raise ArgumentError(
             f"a ranking name must be an identifier such as 'delta_max', got {name!r}"
@@ -61,14 +73,35 @@ def register_ranking(name: str, fn: RankingFn | None = None, *, overwrite: bool 
 
 
 def unregister_ranking(name: str) -> None:
-    """Remove a ranking added with :func:`register_ranking` (built-ins stay)."""
+    """Remove a ranking added with :func:`register_ranking` (built-ins stay).
+
+    Example:
+        >>> _ = register_ranking("zeros", lambda stats, sae: torch.zeros(stats[0].latents.d_sae))
+        >>> unregister_ranking("zeros")
+        >>> "zeros" in RANKINGS
+        False
+        >>> unregister_ranking("delta")
+        Traceback (most recent call last):
+        ...
+        modeldiff.errors.ArgumentError: 'delta' is a built-in ranking and cannot be removed
+    """
     if name in _BUILTIN:
         raise ArgumentError(f"{name!r} is a built-in ranking and cannot be removed")
     RANKINGS.pop(name, None)
 
 
 def compute_ranking(name: str, stats: tuple[Any, Any], sae: Any) -> Float[Tensor, " d_sae"]:
-    """The scores of ranking ``name``, checked: one float64 per latent."""
+    """The scores of ranking ``name``, checked: one float64 per latent.
+
+    Example:
+        >>> from modeldiff.stats import SiteStats
+        >>> base, tuned = SiteStats(d_sae=3, d_model=2), SiteStats(d_sae=3, d_model=2)
+        >>> where = dict(prompt_index=torch.tensor([0]), position=torch.tensor([0]))
+        >>> base.update(torch.tensor([[0.0, 1.0, 0.0]]), torch.zeros(1, 2), **where)
+        >>> tuned.update(torch.tensor([[2.0, 1.0, 0.0]]), torch.zeros(1, 2), **where)
+        >>> compute_ranking("delta", (base, tuned), sae=None)
+        tensor([2., 0., 0.], dtype=torch.float64)
+    """
     if name not in RANKINGS:
         raise ArgumentError(f"unknown ranking {name!r}; choose one of {', '.join(RANKINGS)}")
     scores = torch.as_tensor(RANKINGS[name](stats, sae)).detach().to("cpu", torch.float64)
