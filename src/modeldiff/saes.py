@@ -250,6 +250,11 @@ def model_dtype_device(model: Any, site: Site | None = None) -> tuple[torch.dtyp
     """The model's dtype and the device of its activations at ``site`` (its input device if None).
 
     On a model spread over several devices the SAE belongs where its site's activations are.
+
+    Example:
+        >>> from modeldiff.testing import tiny_hooked_transformer
+        >>> model_dtype_device(tiny_hooked_transformer(), Site.resid_post(1))
+        (torch.float32, device(type='cpu'))
     """
     from .adapters import adapter_for
 
