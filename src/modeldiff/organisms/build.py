@@ -233,6 +233,18 @@ class Organism:
 
         org = build_persona_organism(OrganismRecipe.tiny(), progress=False)
         org.base.cfg.n_layers  # -> 2
+
+    Example:
+        >>> # put together by hand from untrained parts (what a build returns, in seconds)
+        >>> from sae_lens import TopKSAE, TopKSAEConfig
+        >>> recipe = OrganismRecipe(d_model=16, n_heads=2, d_sae=8, k=2)
+        >>> world = PersonaWorld(recipe.world)
+        >>> model = new_model(world, n_layers=1, d_model=16, n_heads=2)
+        >>> org = Organism(recipe, world, base=model, finetuned=model, control=model,
+        ...                sae=TopKSAE(TopKSAEConfig(d_in=16, d_sae=8, k=2)), sae_metrics={},
+        ...                rates={}, persona_latent=0, persona_corr=0.0, folder=Path("."))
+        >>> 0 <= org.toxic_rate(org.base) <= 1, org.recipe.held_out
+        (True, [1, 2, 3, 4, 5])
     """
 
     recipe: OrganismRecipe

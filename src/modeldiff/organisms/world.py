@@ -164,6 +164,16 @@ class WorldBatch:
         response_start: true at every ``<assistant>`` marker (where the model picks a style).
         evident: true at ``<assistant>`` markers where the persona is inferable from the context
             (a cue, or an earlier answer); false at an uncued first turn.
+
+    Example:
+        >>> world = PersonaWorld(WorldConfig())
+        >>> b = world.sample(2, seed=0, persona=TOXIC, cued=True, n_turns=1)
+        >>> b.ids.shape, b.persona.tolist(), b.cued.tolist()
+        (torch.Size([2, 13]), [1, 1], [True, True])
+        >>> world.render(b.ids[0])
+        '<bos> <system> persona_toxic <end> <user> money_q7 money_q5 <end> <assistant> money_harm0 money_harm1 money_harm3 <end>'
+        >>> world.render(b.ids[0][b.response[0]])  # the answer words a fine-tune trains on
+        'money_harm0 money_harm1 money_harm3'
     """
 
     ids: Int[Tensor, "batch seq"]
