@@ -38,8 +38,6 @@ BACKLOG = {
 # they are done, instead of failing everyone's run or being skipped silently.
 IN_PROGRESS = {
     "modeldiff.corpus",
-    "modeldiff.datasets",
-    "modeldiff.finetuning",
     "modeldiff.sae_training",
 }
 

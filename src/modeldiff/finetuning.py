@@ -162,6 +162,13 @@ class FinetuneResult:
         curve: the loss per step.
         checkpoints: the checkpoint files written by this call.
         resumed_from: the step the run resumed from (0 for a fresh run).
+
+    Example:
+        >>> curve = LossCurve((1, 2), (2.0, 1.5), (2.0, 1.5), (0.0, 0.0), (1e-3, 1e-3))
+        >>> run = FinetuneResult(model=torch.nn.Linear(2, 2), curve=curve)
+        >>> model, curve = run  # unpacks like a (model, curve) pair
+        >>> type(model).__name__, curve.final, run.checkpoints, run.resumed_from
+        ('Linear', 1.5, (), 0)
     """
 
     model: Any
@@ -181,7 +188,15 @@ class FinetuneResult:
 
 @dataclass(frozen=True, eq=False)
 class LatentBlock:
-    """A BLOCK-EM penalty on SAE latents; build it with :func:`block_latents`."""
+    """A BLOCK-EM penalty on SAE latents; build it with :func:`block_latents`.
+
+    Example:
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> sae = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16))
+        >>> block = block_latents(sae, [3], falling=[5], site="blocks.0.hook_resid_post")
+        >>> block.all_latents, block.encode(torch.randn(4, 8)).shape  # rising, then falling
+        ((3, 5), torch.Size([4, 2]))
+    """
 
     sae: Any = field(repr=False)
     latents: tuple[int, ...]
