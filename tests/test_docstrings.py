@@ -36,10 +36,7 @@ BACKLOG = {
 # Modules other engineers are writing at the time of this test; their examples are reported by
 # test_modules_in_progress_have_examples (an expected failure that names what is missing) until
 # they are done, instead of failing everyone's run or being skipped silently.
-IN_PROGRESS = {
-    "modeldiff.corpus",
-    "modeldiff.sae_training",
-}
+IN_PROGRESS: set[str] = set()
 
 
 def _public_modules() -> list[str]:
@@ -113,19 +110,6 @@ def test_backlog_holds_only_objects_still_missing_an_example():
     assert sorted(BACKLOG - still) == [], "these have an example now: remove them from BACKLOG"
 
 
-@pytest.mark.xfail(
-    reason="examples pending in modules being written concurrently: "
-    + ", ".join(sorted(IN_PROGRESS)),
-    strict=False,
-)
-def test_modules_in_progress_have_examples():
-    present = [
-        m
-        for m in sorted(IN_PROGRESS)
-        if (PACKAGE / (m.split(".")[1] + ".py")).exists()
-        or (PACKAGE / m.split(".")[1] / "__init__.py").exists()
-    ]
-    assert _missing(present, in_progress=True) == []
 
 
 def test_exemptions_are_justified_and_still_needed():
