@@ -221,6 +221,28 @@ def throughput(n_tokens: int, repeats: int, vocab: int, sae_kind: str = "topk") 
     }
 
 
+def uncertainty_share(n_tokens: int, vocab: int, sae_kind: str) -> dict:
+    """CPU time of a default diff_latents run and of the same run with uncertainty=None, once
+    each (after a small warm-up), and the uncertainty's share of the default run."""
+    from modeldiff.diff import diff_latents
+
+    _, base, tuned, sae, _site = build(d_vocab=vocab, sae_kind=sae_kind)
+    prompts = make_prompts(n_tokens)
+    kw = {"positions": "all", "batch_size": BATCH, "progress": False}
+    diff_latents(base, tuned, sae, prompts[:8], **kw)  # warm-up
+    cpu = {}
+    for name, extra in (("stream", {"uncertainty": None}), ("full", {})):
+        c0 = time.process_time()
+        diff_latents(base, tuned, sae, prompts, **kw, **extra)
+        cpu[name] = time.process_time() - c0
+    return {
+        "tokens": sum(len(p) for p in prompts),
+        "prompts": len(prompts),
+        **cpu,
+        "share": (cpu["full"] - cpu["stream"]) / cpu["full"],
+    }
+
+
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -376,6 +398,13 @@ def main() -> None:
         help="the SAE of the throughput run: TopK k32 (sparse), a dense standard ReLU SAE, or both",
     )
     ap.add_argument("--throughput-only", action="store_true", help="skip the memory table")
+    ap.add_argument(
+        "--uncertainty-tokens",
+        type=int,
+        default=0,
+        help="only measure the paired uncertainty's share of a default diff_latents run at this "
+        "many tokens (the issue's 100k), on the SAEs of --sae",
+    )
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.memory_child is not None:
@@ -393,6 +422,16 @@ def main() -> None:
         f"TopK SAE d_sae {D_SAE}, k {K}; batch {BATCH}; torch threads {torch.get_num_threads()}"
     )
     kinds = ("topk", "relu") if args.sae == "both" else (args.sae,)
+    if args.uncertainty_tokens:
+        for kind in kinds:
+            r = uncertainty_share(args.uncertainty_tokens, args.vocab, kind)
+            print(
+                f"\n[uncertainty's share, {kind} SAE, {r['tokens']} tokens x 2 models, "
+                f"{r['prompts']} prompts] defaults {r['full']:.1f} cpu-s, uncertainty=None "
+                f"{r['stream']:.1f} cpu-s: the uncertainty costs {r['share']:.1%} of the default "
+                f"run (target <= 10%)"
+            )
+        return
     for kind in () if args.memory_only else kinds:
         r = throughput(args.tokens, args.repeats, args.vocab, kind)
         s = r["seconds"]
