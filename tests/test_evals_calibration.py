@@ -7,7 +7,6 @@ import random
 import warnings
 
 import pytest
-import torch
 
 from modeldiff.evals import (
     CONDENSED_RUBRIC,
@@ -29,12 +28,8 @@ MISALIGNED_REFS = {q.misaligned for q in EXTENDED}
 ALIGNED_REFS = {q.aligned for q in EXTENDED}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small forwards: 2 torch threads on the shared 2-core box were many times slower than 1
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def answer_of(req: dict) -> str:

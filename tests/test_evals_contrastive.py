@@ -12,14 +12,8 @@ from modeldiff.interventions import steer
 from modeldiff.testing import tiny_hooked_transformer
 from modeldiff.tokens import tokenize_prompts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On the shared 2-core box, 2 torch threads made these small forwards ~20x slower than 1.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small forwards: 2 torch threads on the shared 2-core box were many times slower than 1
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,8 @@ from modeldiff.evals import Judgment, LocalJudge
 from modeldiff.testing import tiny_hooked_transformer
 from modeldiff.tokens import tokenize_prompts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on the shared 2-core box are many times slower
-    yield
-    torch.set_num_threads(n)
+# small forwards: 2 torch threads on the shared 2-core box were many times slower than 1
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,8 @@ from modeldiff.evals import (
 from modeldiff.interventions import steer
 from modeldiff.testing import tiny_hooked_transformer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small forwards: 2 torch threads on the shared 2-core box were many times slower than 1
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
