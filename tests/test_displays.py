@@ -364,3 +364,18 @@ def test_contrastive_scoring_counts_answers(bars, models):
     response_logprobs(tiny_hooked_transformer(n_ctx=256), pairs, batch_size=2)
     bar = _bar(bars, "scoring")
     assert (bar.total, bar.n, bar.unit) == (3, 3, "answer")
+
+
+def test_finetuning_curves_have_html_views_and_exportable_figures():
+    from modeldiff.finetuning import FinetuneResult, LossCurve
+
+    n = 30
+    curve = LossCurve(tuple(range(1, n + 1)), tuple(2.0 - 0.05 * i for i in range(n)),
+                      tuple(2.0 - 0.05 * i for i in range(n)), (0.0,) * n, (1e-3,) * n)  # fmt: skip
+    page = curve._repr_html_()
+    rows = re.findall(r"<tr><td>(\d+)</td>", page)
+    assert rows[0] == "1" and rows[-1] == str(n) and len(rows) <= 12  # first and last step shown
+    run = FinetuneResult(model=torch.nn.Linear(2, 2), curve=curve, resumed_from=10)
+    assert "resumed from step 10" in run._repr_html_() and "<table>" in run._repr_html_()
+    bundle = curve.plot()._repr_mimebundle_()
+    assert "text/html" in bundle

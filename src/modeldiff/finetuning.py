@@ -142,7 +142,26 @@ class LossCurve:
         fig.update_layout(
             title=title or "fine-tuning loss", xaxis_title="step", yaxis_title="loss", height=360
         )
-        return fig
+        from .views import as_figure
+
+        return as_figure(fig)
+
+    def _repr_html_(self) -> str:
+        """A table of the loss at up to 12 evenly spaced steps (the first and last included)."""
+        from .views import html_table
+
+        n = len(self.step)
+        picks = sorted({round(i * (n - 1) / 11) for i in range(12)}) if n > 12 else range(n)
+        rows = [
+            (self.step[i], f"{self.loss[i]:.4f}", f"{self.sft[i]:.4f}", f"{self.penalty[i]:.4g}",
+             f"{self.lr[i]:.3g}")
+            for i in picks
+        ]  # fmt: skip
+        return html_table(
+            ("step", "loss", "response CE", "block penalty", "learning rate"),
+            rows,
+            f"fine-tuning loss over {n} steps" + (f" (every {n // 11}th shown)" if n > 12 else ""),
+        )
 
     def __repr__(self) -> str:
         if not self.step:
@@ -179,6 +198,12 @@ class FinetuneResult:
     def __iter__(self) -> Iterator[Any]:
         yield self.model
         yield self.curve
+
+    def _repr_html_(self) -> str:
+        """The loss table, with where the run resumed and which checkpoints it wrote."""
+        note = f"resumed from step {self.resumed_from}; " if self.resumed_from else ""
+        note += f"{len(self.checkpoints)} checkpoint(s) written" if self.checkpoints else ""
+        return (f"<p>{html.escape(note)}</p>" if note else "") + self.curve._repr_html_()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1064,7 +1089,9 @@ class RealignmentCurve:
             yaxis_title="misalignment",
             height=360,
         )
-        return fig
+        from .views import as_figure
+
+        return as_figure(fig)
 
     def __repr__(self) -> str:
         pts = ", ".join(f"{s}: {m:.3f}" for s, m in zip(self.step, self.misalignment))
