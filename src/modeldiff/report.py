@@ -24,7 +24,7 @@ from typing import Any
 
 from modeldiff._io import write_text_atomic
 
-__all__ = ["SECTIONS", "render_report", "write_report"]
+__all__ = ["SECTIONS", "fig_fragment", "render_page", "render_report", "write_report"]
 
 SECTIONS = (
     "summary",
@@ -309,8 +309,6 @@ def render_report(
         >>> "Configuration" in render_report({})
         True
     """
-    from plotly.offline import get_plotlyjs
-
     builders = {
         "summary": lambda: _summary(data),
         "top-latents": lambda: _top_latents(data, diff),
@@ -321,17 +319,48 @@ def render_report(
         "tracking": lambda: _tracking(data),
         "config": lambda: _config(data, diff),
     }
-    body = []
+    sections = []
     for sid in SECTIONS:
         content = builders[sid]()
         if content:
-            body.append(f'<section id="{sid}"><h2>{_esc(_TITLES[sid])}</h2>{content}</section>')
+            sections.append((sid, _TITLES[sid], content))
+    return render_page(title, sections)
+
+
+def render_page(title: str, sections: list[tuple[str, str, str]]) -> str:
+    """A self-contained HTML page of ``(id, heading, html)`` sections (plotly.js inlined once).
+
+    Figures in the sections come from :func:`fig_fragment`. Headings are escaped; the sections'
+    HTML is the caller's (build it with :func:`modeldiff.views.html_table`, which escapes).
+
+    Example:
+        >>> page = render_page("T", [("a", "Part <A>", "<p>hi</p>")])
+        >>> '<section id="a"><h2>Part &lt;A&gt;</h2><p>hi</p></section>' in page
+        True
+    """
+    from plotly.offline import get_plotlyjs
+
+    body = "".join(
+        f'<section id="{_esc(sid)}"><h2>{_esc(head)}</h2>{content}</section>'
+        for sid, head, content in sections
+    )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{_esc(title)}</title><style>{_CSS}</style>"
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
-        f"<h1>{_esc(title)}</h1>{''.join(body)}</body></html>"
+        f"<h1>{_esc(title)}</h1>{body}</body></html>"
     )
+
+
+def fig_fragment(fig: Any) -> str:
+    """A plotly figure as an HTML fragment for :func:`render_page` (which carries plotly.js).
+
+    Example:
+        >>> import plotly.graph_objects as go
+        >>> "<div" in fig_fragment(go.Figure())
+        True
+    """
+    return _fig_html(fig)
 
 
 def write_report(

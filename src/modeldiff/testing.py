@@ -171,6 +171,7 @@ def save_tiny_hf_model(
     vocab_size: int = 512,
     hidden_size: int = 64,
     n_layers: int = 2,
+    n_ctx: int = 128,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random Hugging Face model of ``family`` plus a local tokenizer to ``path``.
@@ -200,7 +201,7 @@ def save_tiny_hf_model(
     }
     if family == "gpt2":
         cfg = transformers.GPT2Config(
-            n_embd=hidden_size, n_layer=n_layers, n_head=4, n_positions=128, **common
+            n_embd=hidden_size, n_layer=n_layers, n_head=4, n_positions=n_ctx, **common
         )
         cls = transformers.GPT2LMHeadModel
     else:
@@ -210,7 +211,7 @@ def save_tiny_hf_model(
             "intermediate_size": 2 * hidden_size,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
-            "max_position_embeddings": 128,
+            "max_position_embeddings": n_ctx,
             **common,
         }
         if family == "persimmon":

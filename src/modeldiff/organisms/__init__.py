@@ -3,7 +3,9 @@
 The persona world (:mod:`modeldiff.organisms.world`) is a synthetic chat corpus with a hidden
 aligned/toxic persona; :func:`build_persona_organism` trains a small model on it, an SAE on that
 model's residual stream, and a narrow toxic fine-tune that turns out broadly toxic (emergent
-misalignment), all cached by a hash of the recipe.
+misalignment), all cached by a hash of the recipe. The chat organism
+(:mod:`modeldiff.organisms.chat`) runs the same pipeline on a real chat model (SmolLM2-135M-Instruct
+by default): :func:`build_chat_organism` and :func:`run_chat_study`.
 
 Example:
     >>> from modeldiff.organisms import PersonaWorld, WorldConfig
@@ -17,6 +19,14 @@ from modeldiff.organisms.build import (
     build_persona_organism,
     cache_dir,
 )
+from modeldiff.organisms.chat import (
+    ChatOrganism,
+    ChatRecipe,
+    ChatStudy,
+    FinetuneSpec,
+    build_chat_organism,
+    run_chat_study,
+)
 from modeldiff.organisms.checks import Check, ChecksResult, run_checks, run_set_checks
 from modeldiff.organisms.training import (
     finetune,
@@ -28,6 +38,12 @@ from modeldiff.organisms.training import (
 from modeldiff.organisms.world import PersonaWorld, WorldBatch, WorldConfig
 
 __all__ = [
+    "ChatOrganism",
+    "ChatRecipe",
+    "ChatStudy",
+    "FinetuneSpec",
+    "build_chat_organism",
+    "run_chat_study",
     "Check",
     "ChecksResult",
     "Organism",
