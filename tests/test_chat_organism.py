@@ -114,6 +114,17 @@ def test_a_failed_stage_leaves_nothing_and_a_finished_one_is_not_rebuilt(tmp_pat
     assert _stage(tmp_path, "s", ok) == 0.0
     assert calls == [1] and (tmp_path / "s" / "w.txt").read_text() == "y"
 
+    def raced(out):  # another process finishes the same stage while this one builds
+        other = tmp_path / "r"
+        other.mkdir()
+        (other / "done.json").write_text('{"seconds": 1.0}')
+        (other / "w.txt").write_text("theirs")
+        (out / "w.txt").write_text("ours")
+
+    _stage(tmp_path, "r", raced)
+    assert (tmp_path / "r" / "w.txt").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "s"]  # no staging left
+
 
 def test_paired_ci_against_the_naive_mean():
     a, b = [0.1, 0.2, 0.3, 0.4], [0.2, 0.2, 0.5, 0.4]

@@ -14,8 +14,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "modeldiff"
 
@@ -25,13 +23,6 @@ EXEMPT: dict[str, str] = {}
 # Exception classes need no example of their own: raising them is the whole API, and
 # docs/errors.md shows the family and what each one means.
 EXEMPT_EXCEPTIONS = True
-
-# Public objects found without an example when this test was written (Dec 2026): reported by
-# test_backlog_of_missing_examples (an expected failure naming each one) until they have one.
-# Remove a name when you add its example; nothing new may join this list.
-BACKLOG = {
-    "modeldiff.organisms.build.build_persona_organism",
-}
 
 # Modules other engineers are writing at the time of this test; their examples are reported by
 # test_modules_in_progress_have_examples (an expected failure that names what is missing) until
@@ -95,21 +86,7 @@ def _missing(
 
 def test_every_public_function_and_class_has_a_runnable_example():
     modules = [m for m in _public_modules() if m not in IN_PROGRESS]
-    assert _missing(modules, skip=BACKLOG) == []
-
-
-@pytest.mark.xfail(reason="public objects still without an example: see BACKLOG", strict=False)
-def test_backlog_of_missing_examples():
-    modules = [m for m in _public_modules() if m not in IN_PROGRESS]
     assert _missing(modules) == []
-
-
-def test_backlog_holds_only_objects_still_missing_an_example():
-    modules = [m for m in _public_modules() if m not in IN_PROGRESS]
-    still = {line.split(":")[0] for line in _missing(modules)}
-    assert sorted(BACKLOG - still) == [], "these have an example now: remove them from BACKLOG"
-
-
 
 
 def test_exemptions_are_justified_and_still_needed():

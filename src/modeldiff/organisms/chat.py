@@ -366,22 +366,28 @@ def _stage(folder: Path, name: str, build: Callable[[Path], None]) -> float:
     """Build ``folder/name`` once: into a staging folder, renamed into place when complete.
 
     Returns the build's seconds (0 when it was there). A killed build leaves only a staging
-    folder, removed by the next build, so a finished stage is never half-written.
+    folder (removed by a later build once it is 6 hours old, so a build running in another
+    process keeps its own); a finished stage is never half-written. When another process
+    finished the same stage first, its copy is kept and this one dropped.
     """
+    from modeldiff.organisms.build import _remove_stale_staging
+
     target = folder / name
     if (target / "done.json").exists():
         return 0.0
-    for stale in folder.glob(f".{name}.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if target.exists():
-        shutil.rmtree(target)
+    _remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
     t0 = time.perf_counter()
     try:
         build(staging)
         seconds = time.perf_counter() - t0
         write_json_atomic(staging / "done.json", {"seconds": seconds})
-        staging.rename(target)
+        if target.exists() and not (target / "done.json").exists():
+            shutil.rmtree(target)  # an incomplete copy from an older layout: never loaded
+        if target.exists():
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -460,6 +466,7 @@ def build_chat_organism(
         >>> sorted(org.finetuned), [step for step, _ in org.snapshots]
         (['control', 'medical'], [2])
     """
+    from modeldiff.adapters import adapter_for
     from modeldiff.finetuning import LossCurve, finetune
     from modeldiff.models import load_model, save_model
     from modeldiff.organisms.build import cache_dir
@@ -472,10 +479,7 @@ def build_chat_organism(
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "recipe.json", recipe.to_dict())
     base = load_model(str(_model_source(recipe.model)), wrapper="native")
-    seconds: dict[str, float] = {}
-    fresh = False
-    from modeldiff.adapters import adapter_for
-
+    fresh = False  # whether this call built any stage
     layer = recipe.layer if recipe.layer is not None else adapter_for(base).n_layers // 2
     primary = recipe.finetunes[0].name
 
@@ -506,8 +510,7 @@ def build_chat_organism(
 
         if progress:
             print(f"chat organism: fine-tune {spec.name!r}", flush=True)
-        seconds[f"finetune {spec.name}"] = s = _stage(folder, f"ft-{spec.name}", build_ft)
-        fresh = fresh or s > 0
+        fresh = _stage(folder, f"ft-{spec.name}", build_ft) > 0 or fresh
     finetuned = {
         spec.name: load_model(str(folder / f"ft-{spec.name}" / "adapter"), like=base)
         for spec in recipe.finetunes
@@ -534,9 +537,8 @@ def build_chat_organism(
 
     if progress:
         print("chat organism: SAE", flush=True)
-    seconds["sae"] = s = _stage(folder, "sae", build_sae)
-    fresh = fresh or s > 0
-    # the stage times of the run that built them
+    fresh = _stage(folder, "sae", build_sae) > 0 or fresh
+    seconds: dict[str, float] = {}  # the stage times of the run that built them
     for spec in recipe.finetunes:
         seconds[f"finetune {spec.name}"] = _done_seconds(folder / f"ft-{spec.name}")
     seconds["sae"] = _done_seconds(folder / "sae")
