@@ -69,6 +69,7 @@ def test_digest_follows_the_build_fields_only(recipe):
     assert dataclasses.replace(recipe, top_k=3).digest() == recipe.digest()  # a study field
     assert dataclasses.replace(recipe, steps=5).digest() != recipe.digest()
     assert dataclasses.replace(recipe, sae_lr=1e-3).digest() != recipe.digest()
+    assert dataclasses.replace(recipe, sae_eval_prompts=9).digest() != recipe.digest()
     assert ChatRecipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
 
 

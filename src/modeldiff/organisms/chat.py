@@ -114,6 +114,9 @@ _BUILD_FIELDS = (
     "corpus_chats",
     "seed",
 )
+# build fields added after format 1: they enter the digest only when not at their default, so the
+# artifacts cached before they existed (built with that default) stay valid
+_LATER_BUILD_FIELDS = {"sae_eval_prompts": 32}
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,8 @@ class ChatRecipe:
     ``top_k`` (latents screened, ablated and tracked), ``screen_questions`` and
     ``screen_coefficients`` (the causal screen's cheaper scorer and strengths),
     ``realign_samples`` / ``realign_steps`` / ``realign_eval_every`` / ``realign_lr``,
-    ``interpret_k`` (activating examples per latent) and ``n_bootstrap``.
+    ``interpret_k`` (activating examples per latent, found in ``interpret_prompts`` held-out
+    chats) and ``n_bootstrap``. ``sae_eval_prompts`` held-out prompts measure the SAE's quality.
 
     Example:
         >>> r = ChatRecipe.tiny()
@@ -157,6 +161,7 @@ class ChatRecipe:
     sae_steps: int = 240
     sae_batch_tokens: int = 512
     sae_lr: float = 3e-3
+    sae_eval_prompts: int = 32
     corpus_docs: int = 400
     corpus_chats: int = 420
     seed: int = 0
@@ -171,6 +176,7 @@ class ChatRecipe:
     realign_eval_every: int = 5
     realign_lr: float = 2e-4
     interpret_k: int = 5
+    interpret_prompts: int = 128
     n_bootstrap: int = 2000
 
     def __post_init__(self) -> None:
@@ -192,7 +198,8 @@ class ChatRecipe:
         if self.layer is not None and (isinstance(self.layer, bool) or self.layer < 0):
             raise ArgumentError(f"layer must be a non-negative integer or None, got {self.layer!r}")
         positive = ("steps", "batch_size", "lora_rank", "snapshot_every", "d_sae", "k", "sae_steps")
-        positive += ("sae_batch_tokens", "top_k", "realign_eval_every")
+        positive += ("sae_batch_tokens", "top_k", "realign_eval_every", "sae_eval_prompts")
+        positive += ("interpret_prompts",)
         counts = ("corpus_docs", "corpus_chats", "diff_prompts", "realign_samples")
         for names, low, what in ((positive, 1, "positive"), (counts, 0, "non-negative")):
             for name in names:
@@ -248,6 +255,8 @@ class ChatRecipe:
             realign_eval_every=2,
             realign_lr=1e-3,
             interpret_k=3,
+            interpret_prompts=16,
+            sae_eval_prompts=8,
             n_bootstrap=200,
         )
 
@@ -274,6 +283,7 @@ class ChatRecipe:
         """
         d = self.to_dict()
         build = {k: d[k] for k in _BUILD_FIELDS}
+        build.update({k: d[k] for k, v in _LATER_BUILD_FIELDS.items() if d[k] != v})
         build["format"] = _FORMAT
         build["model_file"] = _model_identity(self.model)
         text = json.dumps(build, sort_keys=True)
@@ -528,7 +538,7 @@ def build_chat_organism(
             buffer_tokens=8 * recipe.sae_batch_tokens,
             lr=recipe.sae_lr,
             seed=recipe.seed,
-            max_eval_prompts=32,
+            max_eval_prompts=recipe.sae_eval_prompts,
             out=out / "sae",
             overwrite=True,
             finetuned=finetuned[primary],
@@ -811,13 +821,14 @@ def run_chat_study(
     study.diff = diff
     top = diff.top(recipe.top_k)
     top_ids = [int(r.latent) for r in top]
-    corpus = []
+    # held-out chats: a sixth each of benign and of the narrow sets' two kinds of answer
+    per = max(1, recipe.interpret_prompts // 8)
+    corpus = narrow_dataset("benign", n=2 * per, seed=recipe.seed + 3, split="eval")
     for name in ("medical", "financial", "insecure_code"):
         for aligned in (False, True):
             corpus += narrow_dataset(
-                name, aligned=aligned, n=16, seed=recipe.seed + 2, split="eval"
+                name, aligned=aligned, n=per, seed=recipe.seed + 2, split="eval"
             )
-    corpus += narrow_dataset("benign", n=32, seed=recipe.seed + 3, split="eval")
     acts = top_activations(
         ft, org.sae, top_ids, corpus, k=recipe.interpret_k, context=8, progress=progress
     )
