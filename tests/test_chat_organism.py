@@ -256,7 +256,7 @@ def test_demo_command_runs_the_chat_organism(
     seen = []
 
     def study_of(o, **kw):  # the study itself is tested above; here the command's wiring
-        seen.append(o)
+        seen.append((o, kw))
         return study
 
     monkeypatch.setattr(organisms, "run_chat_study", study_of)
@@ -266,7 +266,11 @@ def test_demo_command_runs_the_chat_organism(
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "loaded from cache" in printed and "re-alignment" in printed
-    assert seen[0].folder == org.folder and seen[0].recipe == org.recipe
+    assert seen[0][0].folder == org.folder and seen[0][0].recipe == org.recipe
+    assert seen[0][1]["judge"] is None
+    argv += ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "judge-m"]
+    assert main(argv) == 0
+    assert seen[1][1]["judge"].model == "judge-m"  # an HTTPJudge for that server
     assert (out / "report.html").exists()
     saved = json.loads((out / "study.json").read_text())
     assert saved["em"] == json.loads(json.dumps(study.em))
@@ -279,3 +283,43 @@ def test_demo_command_refuses_bad_chat_options(tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
     assert main(["demo", "--model", str(tmp_path)]) == 2
     assert "--organism smollm2" in capsys.readouterr().err
+    assert main(["demo", "--judge-url", "http://127.0.0.1:9/v1"]) == 2
+    assert "--judge-url goes with --organism smollm2" in capsys.readouterr().err
+
+
+class HashJudge:
+    """Rates an answer by a hash of its text (noise, not a judge): calibration must flag it."""
+
+    def judge(self, pairs, *, progress=True):
+        import zlib
+
+        from modeldiff.evals.judges import Judgment
+
+        return [Judgment(float(zlib.crc32(a.encode()) % 101), 90.0) for _, a in pairs]
+
+
+def test_study_with_a_judge_rates_every_model_like_evaluate(org, recipe):
+    from modeldiff.evals.scores import evaluate
+
+    opts = {"n_samples": 1, "max_new_tokens": 8}
+    with pytest.warns(UserWarning, match="calibration"):
+        s = run_chat_study(org, stages=["judge"], judge=HashJudge(), judge_options=opts,
+                           progress=False)  # fmt: skip
+    assert not s.em and not s.top_latents and set(s.seconds) == {"judge"}
+    assert set(s.judged) == {"base", *org.finetuned}
+    with pytest.warns(UserWarning, match="calibration"):
+        ref = evaluate(org.finetuned["medical"], "headline", judge=HashJudge(), seed=recipe.seed,
+                       progress=False, **opts)  # fmt: skip
+    r = s.judged["medical"]
+    assert r["n_answers"] == len(ref.records) == 8
+    assert r["misalignment_rate"] == ref.misalignment_rate
+    assert r["calibration_passed"] is None  # a plain judge keeps no calibration
+    assert "judged misalignment rate" in s.table() and 'id="judged"' in s.render()
+
+
+def test_study_stages_run_alone_and_bad_names_are_refused(org):
+    s = run_chat_study(org, stages=["causal"], progress=False)
+    assert s.top_latents and s.screen and s.ablation  # "causal" brought the diff with it
+    assert not s.em and not s.realign and set(s.seconds) == {"diff", "causal"}
+    with pytest.raises(ArgumentError, match="unknown stages"):
+        run_chat_study(org, stages=["em", "steer"], progress=False)

@@ -61,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
         help="which organism (default: %(default)s)",
     )
     d.add_argument(
+        "--judge-url",
+        default=None,
+        help="with --organism smollm2: also rate sampled answers of every model with the judge "
+        "behind this OpenAI-compatible server (e.g. http://127.0.0.1:8080/v1)",
+    )
+    d.add_argument(
+        "--judge-model",
+        default=None,
+        help="the judge model's name on that server (default: $MODELDIFF_JUDGE_MODEL)",
+    )
+    d.add_argument(
         "--model",
         default=None,
         help="with --organism smollm2: another local chat model (a save_pretrained folder or a "
@@ -209,10 +220,17 @@ def _cmd_demo_chat(args: argparse.Namespace) -> int:
         recipe = ChatRecipe.tiny(model=args.model, seed=args.seed)
     else:
         recipe = ChatRecipe(model=args.model, seed=args.seed)
+    judge = None
+    if args.judge_url is not None:
+        from modeldiff.evals import HTTPJudge
+
+        judge = HTTPJudge(args.judge_model, base_url=args.judge_url)
     org = build_chat_organism(recipe, cache=args.cache, progress=progress)
     where = "loaded from cache" if org.loaded_from_cache else "built"
     print(f"{org!r}: {where} ({org.folder})", flush=True)
-    study = run_chat_study(org, progress=progress, log=lambda line: print(line, flush=True))
+    study = run_chat_study(
+        org, judge=judge, progress=progress, log=lambda line: print(line, flush=True)
+    )
     report = study.write(args.out)
     print(study.table())
     print(f"report: {report}")
@@ -224,10 +242,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.organism == "smollm2":
         return _cmd_demo_chat(args)
-    if args.model is not None:
-        raise CLIError(
-            "--model goes with --organism smollm2 (the persona world builds its own model)"
-        )
+    for flag, value in (("--model", args.model), ("--judge-url", args.judge_url)):
+        if value is not None:
+            raise CLIError(f"{flag} goes with --organism smollm2 (the persona world has its own)")
 
     from modeldiff.organisms import OrganismRecipe, build_persona_organism, run_checks
     from modeldiff.report import write_report

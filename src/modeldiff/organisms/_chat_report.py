@@ -55,6 +55,29 @@ def sections(study: Any, fig_fragment: Callable[[Any], str]) -> list[tuple[str, 
                 + fig_fragment(fig),
             )
         )
+    if study.judged:
+        rows = [
+            (name, fmt(r["misalignment_rate"]), f"[{fmt(r['ci'][0])}, {fmt(r['ci'][1])}]",
+             fmt(r["coherence_rate"]), r["n_answers"], fmt(r["calibration_passed"]))
+            for name, r in study.judged.items()
+        ]  # fmt: skip
+        out.append(
+            (
+                "judged",
+                "Judged misalignment of sampled answers",
+                html_table(
+                    (
+                        "model",
+                        "misalignment rate",
+                        "95% CI",
+                        "coherent",
+                        "answers",
+                        "judge passed calibration",
+                    ),
+                    rows,
+                ),
+            )
+        )
     if study.sae_quality:
         q = study.sae_quality
         rows = []

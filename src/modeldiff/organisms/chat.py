@@ -613,7 +613,8 @@ class ChatStudy:
       ablated jointly and with as many random latents; ``realign``: the re-alignment curve;
       ``over_steps`` / ``over_bad_fraction``: the top latents' set Δ and the score per snapshot /
       per bad-data fraction; ``detection``: AUROC of the top latents' shift (misaligned vs
-      controls) and the baselines'.
+      controls) and the baselines'; ``judged``: per model the judge's misalignment rate with its
+      interval (only when :func:`run_chat_study` was given a judge).
 
     Example:
         >>> s = ChatStudy(recipe=ChatRecipe.tiny().to_dict())
@@ -631,6 +632,7 @@ class ChatStudy:
     over_steps: dict[str, Any] = field(default_factory=dict)
     over_bad_fraction: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
+    judged: dict[str, dict[str, Any]] = field(default_factory=dict)
     build_seconds: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     diff: Any = field(default=None, repr=False, compare=False)
@@ -673,6 +675,16 @@ class ChatStudy:
                 lo, hi = r["ci"]
                 extra = f"  Δ {r['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             lines.append(f"  {name:<24} {r['p_misaligned']:.3f}{extra}")
+        if self.judged:
+            lines.append("judged misalignment rate of sampled answers [95% CI]:")
+            for name, r in self.judged.items():
+                rate, (lo, hi) = r["misalignment_rate"], r["ci"]
+                shown = (
+                    "n/a (no valid judgment)"
+                    if rate is None
+                    else f"{rate:.3f} [{lo:.3f}, {hi:.3f}]"
+                )
+                lines.append(f"  {name:<24} {shown}")
         if self.top_latents:
             lines.append("top latents of the first fine-tune (Δ mean activation):")
             for t in self.top_latents:
@@ -745,6 +757,9 @@ def _diff_prompts(recipe: ChatRecipe) -> list[Any]:
 def run_chat_study(
     org: ChatOrganism,
     *,
+    stages: Sequence[str] | None = None,
+    judge: Any = None,
+    judge_options: Mapping[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> ChatStudy:
@@ -752,6 +767,19 @@ def run_chat_study(
 
     Args:
         org: from :func:`build_chat_organism`.
+        stages: which parts to run (default all, in this order): ``"em"`` (contrastive scores
+            with intervals), ``"judge"`` (only with ``judge``), ``"diff"`` (diff and
+            interpretation), ``"causal"`` (screen and ablation), ``"realign"``, ``"tracking"``
+            and ``"detection"``; ``"causal"``, ``"tracking"`` and ``"detection"`` work on the
+            diff's top latents and add ``"diff"``.
+        judge: also rate sampled answers of every model with this judge (e.g.
+            ``HTTPJudge(model, base_url=...)`` for an OpenAI-compatible server, or a
+            ``LocalJudge``): :func:`~modeldiff.evals.evaluate` on the recipe's questions, its
+            calibration check included (a judge that fails it gets a warning), with
+            ``judge_options`` passed on (``n_samples``, ``max_new_tokens``, ``temperature``,
+            ``calibration``, ...). Stored in :attr:`ChatStudy.judged`. Without a judge only
+            the contrastive score is used (the one offline signal that works at 135M; see
+            docs/smollm2.md).
         progress: progress bars.
         log: called with a line per finished stage (e.g. ``print``).
 
@@ -766,237 +794,250 @@ def run_chat_study(
         >>> sorted(study.em), len(study.top_latents), study.realign["step"]
         (['base', 'control', 'medical'], 2, [0, 2, 4])
     """
-    from modeldiff.datasets import narrow_dataset
-    from modeldiff.diff import diff_latents
-    from modeldiff.evals.questions import load_questions
-    from modeldiff.evals.screen import ContrastiveScorer, screen_latents
-    from modeldiff.finetuning import realign
-    from modeldiff.interpret import logit_lens, top_activations
-    from modeldiff.interventions import ablate
-    from modeldiff.latent_sets import LatentSet
-    from modeldiff.saes import sae_d_sae
-    from modeldiff.tracking import detect, track_latents
+    unknown = [x for x in (stages or ()) if x not in STAGES]
+    if unknown:
+        raise ArgumentError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    run = _Run(org, judge, dict(judge_options or {}), progress, log or (lambda _line: None))
+    wanted = set(STAGES if stages is None else stages)
+    if wanted & {"causal", "tracking", "detection"}:
+        wanted.add("diff")  # they work on the diff's top latents
+    for name in STAGES:
+        if name in wanted:
+            t = time.perf_counter()
+            getattr(run, name)()
+            run.study.seconds[name] = time.perf_counter() - t
+            run.say(f"{_STAGE_TITLES[name]} ({run.study.seconds[name]:.0f} s)")
+    return run.study
 
-    recipe = org.recipe
-    say = log or (lambda _line: None)
-    study = ChatStudy(recipe=recipe.to_dict(), build_seconds=dict(org.seconds))
-    questions = load_questions(recipe.questions)
-    primary = org.primary
-    ft = org.finetuned[primary]
-    clock = time.perf_counter
 
-    # 1. how misaligned is each model?
-    t = clock()
-    base_res = _score(org.base, questions)
-    base_rows = [r.p_misaligned for r in base_res.rows]
-    study.em["base"] = {
-        "p_misaligned": base_res.p_misaligned,
-        "preference_rate": base_res.preference_rate,
-    }
-    scores = {"base": base_res.p_misaligned}
-    for i, spec in enumerate(recipe.finetunes):
-        res = _score(org.finetuned[spec.name], questions)
-        rows = [r.p_misaligned for r in res.rows]
-        delta, lo, hi = _paired_ci(base_rows, rows, recipe.n_bootstrap, recipe.seed + i)
-        study.em[spec.name] = {
-            "p_misaligned": res.p_misaligned,
-            "preference_rate": res.preference_rate,
-            "delta": delta,
-            "ci": [lo, hi],
-            "bad_fraction": spec.bad_fraction,
-            "dataset": spec.dataset,
-            "final_loss": org.curves[spec.name].final,
+STAGES = ("em", "judge", "diff", "causal", "realign", "tracking", "detection")
+_STAGE_TITLES = {
+    "em": "misalignment scores",
+    "judge": "judged answers",
+    "diff": "diff and interpretation",
+    "causal": "causal screen and ablation",
+    "realign": "re-alignment",
+    "tracking": "tracking over steps and bad-data fraction",
+    "detection": "detection",
+}
+
+
+class _Run:
+    """The state one :func:`run_chat_study` call shares between its stages."""
+
+    def __init__(
+        self,
+        org: ChatOrganism,
+        judge: Any,
+        judge_options: dict[str, Any],
+        progress: bool,
+        say: Callable[[str], None],
+    ) -> None:
+        from modeldiff.evals.questions import load_questions
+
+        self.org, self.recipe, self.judge_ = org, org.recipe, judge
+        self.judge_options, self.progress, self.say = judge_options, progress, say
+        self.study = ChatStudy(recipe=self.recipe.to_dict(), build_seconds=dict(org.seconds))
+        self.study.sae_quality = org.sae_report.to_dict()
+        self.questions = load_questions(self.recipe.questions)
+        self.ft = org.finetuned[org.primary]
+        self.prompts = _diff_prompts(self.recipe)
+        self._scores: dict[str, Any] = {}
+        self.top: list[Any] = []
+
+    def score(self, name: str) -> Any:
+        """The contrastive result of a model by name (``"base"`` or a fine-tune), computed once."""
+        if name not in self._scores:
+            model = self.org.base if name == "base" else self.org.finetuned[name]
+            self._scores[name] = _score(model, self.questions)
+        return self._scores[name]
+
+    def em(self) -> None:
+        recipe, base = self.recipe, self.score("base")
+        base_rows = [r.p_misaligned for r in base.rows]
+        self.study.em["base"] = {
+            "p_misaligned": base.p_misaligned,
+            "preference_rate": base.preference_rate,
         }
-        scores[spec.name] = res.p_misaligned
-    study.seconds["em"] = clock() - t
-    say(f"misalignment scores ({study.seconds['em']:.0f} s)")
-    study.sae_quality = org.sae_report.to_dict()
+        for i, spec in enumerate(recipe.finetunes):
+            res = self.score(spec.name)
+            rows = [r.p_misaligned for r in res.rows]
+            delta, lo, hi = _paired_ci(base_rows, rows, recipe.n_bootstrap, recipe.seed + i)
+            self.study.em[spec.name] = {
+                "p_misaligned": res.p_misaligned,
+                "preference_rate": res.preference_rate,
+                "delta": delta,
+                "ci": [lo, hi],
+                "bad_fraction": spec.bad_fraction,
+                "dataset": spec.dataset,
+                "final_loss": self.org.curves[spec.name].final,
+            }
 
-    # 2. which latents moved?
-    t = clock()
-    prompts = _diff_prompts(recipe)
-    diff = diff_latents(
-        org.base, ft, org.sae, prompts, positions=recipe.positions, progress=progress
-    )
-    study.diff = diff
-    top = diff.top(recipe.top_k)
-    top_ids = [int(r.latent) for r in top]
-    # held-out chats: a sixth each of benign and of the narrow sets' two kinds of answer
-    per = max(1, recipe.interpret_prompts // 8)
-    corpus = narrow_dataset("benign", n=2 * per, seed=recipe.seed + 3, split="eval")
-    for name in ("medical", "financial", "insecure_code"):
-        for aligned in (False, True):
-            corpus += narrow_dataset(
-                name, aligned=aligned, n=per, seed=recipe.seed + 2, split="eval"
-            )
-    acts = top_activations(
-        ft, org.sae, top_ids, corpus, k=recipe.interpret_k, context=8, progress=progress
-    )
-    for rec in top:
-        latent = int(rec.latent)
-        lens = logit_lens(org.base, org.sae.W_dec[latent].detach(), k=8)
-        study.top_latents.append(
-            {
+    def judge(self) -> None:
+        if self.judge_ is None:
+            return
+        from modeldiff.evals.scores import evaluate
+
+        opts = {"seed": self.recipe.seed, "progress": self.progress, **self.judge_options}
+        for name, model in {"base": self.org.base, **self.org.finetuned}.items():
+            res = evaluate(model, self.questions, judge=self.judge_, **opts)
+            cal = getattr(self.judge_, "calibration", None)
+            self.study.judged[name] = {
+                "misalignment_rate": res.misalignment_rate,
+                "ci": list(res.misalignment_ci),
+                "coherence_rate": res.coherence_rate,
+                "n_answers": len(res.records),
+                "judge": _judge_stamp(self.judge_),
+                "calibration_passed": getattr(cal, "passed", None),
+            }
+
+    def diff(self) -> None:
+        from modeldiff.datasets import narrow_dataset
+        from modeldiff.diff import diff_latents
+        from modeldiff.interpret import logit_lens, top_activations
+        from modeldiff.latent_sets import LatentSet
+
+        org, recipe = self.org, self.recipe
+        diff = diff_latents(
+            org.base, self.ft, org.sae, self.prompts, positions=recipe.positions,
+            progress=self.progress,
+        )  # fmt: skip
+        self.study.diff = diff
+        self.top = diff.top(recipe.top_k)
+        self.top_ids = [int(r.latent) for r in self.top]
+        self.top_set = LatentSet(org.sae, self.top, label=f"top {len(self.top)}")
+        # held-out chats: a sixth each of benign and of the narrow sets' two kinds of answer
+        per = max(1, recipe.interpret_prompts // 8)
+        corpus = narrow_dataset("benign", n=2 * per, seed=recipe.seed + 3, split="eval")
+        for name in ("medical", "financial", "insecure_code"):
+            for aligned in (False, True):
+                corpus += narrow_dataset(name, aligned=aligned, n=per, seed=recipe.seed + 2,
+                                         split="eval")  # fmt: skip
+        acts = top_activations(org.finetuned[org.primary], org.sae, self.top_ids, corpus,
+                               k=recipe.interpret_k, context=8, progress=self.progress)  # fmt: skip
+        for rec in self.top:
+            latent = int(rec.latent)
+            lens = logit_lens(org.base, org.sae.W_dec[latent].detach(), k=8)
+            examples = acts.examples.get(latent, ())
+            self.study.top_latents.append({
                 "latent": latent,
                 "rank": int(rec.rank),
                 **{k: float(v) for k, v in rec.values.items()},
-                "examples": [ex.text for ex in acts.examples.get(latent, ())],
-                "example_tokens": [ex.token for ex in acts.examples.get(latent, ())],
+                "examples": [ex.text for ex in examples],
+                "example_tokens": [ex.token for ex in examples],
                 "fired": int(acts.n_fired.get(latent, 0)),
                 "logit_lens": lens.promoted_tokens,
                 "logit_lens_suppressed": lens.suppressed_tokens,
-            }
+            })  # fmt: skip
+
+    def causal(self) -> None:
+        """The screen, then joint ablation of the top latents against random latents."""
+        from modeldiff.evals.screen import ContrastiveScorer, screen_latents
+        from modeldiff.interventions import ablate
+
+        org, recipe, ft = self.org, self.recipe, self.ft
+        screen = screen_latents(
+            org.base, ft, org.sae, self.study.diff, latents=[*self.top_ids, self.top_set],
+            coefficients=recipe.screen_coefficients,
+            scorer=ContrastiveScorer(recipe.screen_questions), progress=self.progress,
+        )  # fmt: skip
+        self.study.screen = [_screen_row(r) for r in screen.rows]
+        with ablate(ft, org.sae, self.top_ids):
+            ablated = _score(ft, self.questions).p_misaligned
+        # the control: as many latents that fired on the diff's prompts, drawn at random
+        diff = self.study.diff
+        fired = (diff.column("mean_base") != 0) | (diff.column("mean_finetuned") != 0)
+        pool = [i for i in fired.nonzero().reshape(-1).tolist() if i not in self.top_ids]
+        rnd = sorted(random.Random(recipe.seed).sample(pool, min(len(pool), len(self.top_ids))))
+        with ablate(ft, org.sae, rnd):
+            random_ablated = _score(ft, self.questions).p_misaligned
+        self.study.ablation = {
+            "latents": self.top_ids,
+            "random_latents": rnd,
+            "finetuned": self.score(org.primary).p_misaligned,
+            "ablated": ablated,
+            "random": random_ablated,
+        }
+
+    def realign(self) -> None:
+        from modeldiff.datasets import narrow_dataset
+        from modeldiff.evals.screen import ContrastiveScorer
+        from modeldiff.finetuning import realign
+
+        recipe = self.recipe
+        benign = narrow_dataset("benign", n=recipe.realign_samples, seed=recipe.seed + 4)
+        curve = realign(
+            self.ft, benign, scorer=ContrastiveScorer(self.questions), steps=recipe.realign_steps,
+            eval_every=recipe.realign_eval_every, lr=recipe.realign_lr,
+            batch_size=min(8, recipe.realign_samples), seed=recipe.seed, truncate=True,
+            progress=self.progress,
+        )  # fmt: skip
+        self.study.realign = {
+            "step": list(curve.step),
+            "misalignment": list(curve.misalignment),
+            "samples": recipe.realign_samples,
+        }
+
+    def tracking(self) -> None:
+        """The top latents over training steps and over the bad-data fraction."""
+        from modeldiff.models import load_model
+        from modeldiff.tracking import track_latents
+
+        org, recipe = self.org, self.recipe
+        opts = {"positions": recipe.positions, "seed": recipe.seed, "progress": self.progress}
+        steps = [0, *(s for s, _ in org.snapshots), recipe.steps]
+        snaps: list[Any] = [org.base]
+        snaps += [(lambda p=p: load_model(str(p), like=org.base)) for _, p in org.snapshots]
+        snaps.append(self.ft)
+        track = track_latents(snaps, org.sae, self.prompts, self.top_set, x=steps,
+                              x_title="step", labels=[f"step {s}" for s in steps], **opts)  # fmt: skip
+        step_scores = [self.score("base").p_misaligned]
+        for _, p in org.snapshots:
+            snap = load_model(str(p), like=org.base)
+            step_scores.append(_score(snap, self.questions).p_misaligned)
+        step_scores.append(self.score(org.primary).p_misaligned)
+        self.study.over_steps = {
+            "step": steps,
+            "set_delta": track.set_delta.tolist(),
+            "delta": track.delta.tolist(),
+            "p_misaligned": step_scores,
+        }
+        doses = sorted(
+            (s for s in recipe.finetunes if s.dataset == recipe.finetunes[0].dataset),
+            key=lambda s: s.bad_fraction,
         )
-    study.seconds["diff"] = clock() - t
-    say(f"diff and interpretation ({study.seconds['diff']:.0f} s)")
+        dtrack = track_latents(
+            [org.base] + [org.finetuned[s.name] for s in doses], org.sae, self.prompts,
+            self.top_set, labels=["base"] + [s.name for s in doses],
+            x=[0.0] + [s.bad_fraction for s in doses], x_title="bad-data fraction", **opts,
+        )  # fmt: skip
+        self.study.over_bad_fraction = {
+            "name": [s.name for s in doses],
+            "bad_fraction": [s.bad_fraction for s in doses],
+            "set_delta": dtrack.set_delta.tolist()[1:],
+            "p_misaligned": [self.score(s.name).p_misaligned for s in doses],
+        }
 
-    # 3. do they cause it? the screen, then joint ablation against random latents
-    t = clock()
-    top_set = LatentSet(org.sae, top, label=f"top {len(top)}")
-    screen = screen_latents(
-        org.base,
-        ft,
-        org.sae,
-        diff,
-        latents=[*top_ids, top_set],
-        coefficients=recipe.screen_coefficients,
-        scorer=ContrastiveScorer(recipe.screen_questions),
-        progress=progress,
-    )
-    study.screen = [_screen_row(r) for r in screen.rows]
-    study.seconds["screen"] = clock() - t
-    t = clock()
-    with ablate(ft, org.sae, top_ids):
-        ablated = _score(ft, questions).p_misaligned
-    # the control: as many latents that fire, drawn at random outside the top ones
-    fired = [i for i in range(sae_d_sae(org.sae)) if i not in top_ids]
-    rnd = random.Random(recipe.seed).sample(fired, len(top_ids))
-    with ablate(ft, org.sae, rnd):
-        random_ablated = _score(ft, questions).p_misaligned
-    study.ablation = {
-        "latents": top_ids,
-        "random_latents": rnd,
-        "finetuned": scores[primary],
-        "ablated": ablated,
-        "random": random_ablated,
-    }
-    study.seconds["ablation"] = clock() - t
-    say(f"causal screen and ablation ({study.seconds['screen'] + study.seconds['ablation']:.0f} s)")
+    def detection(self) -> None:
+        """Does the top latents' shift tell misaligned from control fine-tunes?"""
+        from modeldiff.tracking import detect
 
-    # 4. re-alignment on benign answers
-    t = clock()
-    benign = narrow_dataset("benign", n=recipe.realign_samples, seed=recipe.seed + 4)
-    scorer = ContrastiveScorer(questions)
-    curve = realign(
-        ft,
-        benign,
-        scorer=scorer,
-        steps=recipe.realign_steps,
-        eval_every=recipe.realign_eval_every,
-        lr=recipe.realign_lr,
-        batch_size=min(8, recipe.realign_samples),
-        seed=recipe.seed,
-        truncate=True,
-        progress=progress,
-    )
-    study.realign = {
-        "step": list(curve.step),
-        "misalignment": list(curve.misalignment),
-        "samples": recipe.realign_samples,
-    }
-    study.seconds["realign"] = clock() - t
-    say(f"re-alignment ({study.seconds['realign']:.0f} s)")
-
-    # 5. the top latents over training steps and over the bad-data fraction
-    t = clock()
-    from modeldiff.models import load_model
-
-    steps = [0, *(s for s, _ in org.snapshots), recipe.steps]
-    snap_models: list[Any] = [org.base]
-    snap_models += [(lambda p=p: load_model(str(p), like=org.base)) for _, p in org.snapshots]
-    snap_models.append(ft)
-    track = track_latents(
-        snap_models,
-        org.sae,
-        prompts,
-        top_set,
-        positions=recipe.positions,
-        x=steps,
-        x_title="step",
-        labels=[f"step {s}" for s in steps],
-        seed=recipe.seed,
-        progress=progress,
-    )
-    step_scores = [scores["base"]]
-    for _, p in org.snapshots:
-        step_scores.append(_score(load_model(str(p), like=org.base), questions).p_misaligned)
-    step_scores.append(scores[primary])
-    study.over_steps = {
-        "step": steps,
-        "set_delta": track.set_delta.tolist(),
-        "delta": track.delta.tolist(),
-        "p_misaligned": step_scores,
-    }
-    doses = sorted(
-        (s for s in recipe.finetunes if s.dataset == recipe.finetunes[0].dataset),
-        key=lambda s: s.bad_fraction,
-    )
-    dose_models = [org.base] + [org.finetuned[s.name] for s in doses]
-    dtrack = track_latents(
-        dose_models,
-        org.sae,
-        prompts,
-        top_set,
-        positions=recipe.positions,
-        labels=["base"] + [s.name for s in doses],
-        x=[0.0] + [s.bad_fraction for s in doses],
-        x_title="bad-data fraction",
-        seed=recipe.seed,
-        progress=progress,
-    )
-    study.over_bad_fraction = {
-        "name": [s.name for s in doses],
-        "bad_fraction": [s.bad_fraction for s in doses],
-        "set_delta": dtrack.set_delta.tolist()[1:],
-        "p_misaligned": [scores[s.name] for s in doses],
-    }
-    study.seconds["tracking"] = clock() - t
-    say(f"tracking over steps and bad-data fraction ({study.seconds['tracking']:.0f} s)")
-
-    # 6. detection: does the shift of the top latents tell misaligned from control fine-tunes?
-    labels = [s.misaligned for s in recipe.finetunes]
-    if any(labels) and not all(labels):
-        t = clock()
+        org, recipe = self.org, self.recipe
+        labels = {s.name: s.misaligned for s in recipe.finetunes}
+        if all(labels.values()) or not any(labels.values()):
+            return  # one class only: nothing to separate
         models = {s.name: (org.finetuned[s.name], s.misaligned) for s in recipe.finetunes}
-        fixed = detect(
-            org.base,
-            models,
-            org.sae,
-            prompts,
-            top_set,
-            positions=recipe.positions,
-            selection_fraction=0.0,
-            n_bootstrap=recipe.n_bootstrap,
-            seed=recipe.seed,
-            progress=progress,
-        )
-        selected = detect(
-            org.base,
-            models,
-            org.sae,
-            prompts,
-            positions=recipe.positions,
-            k=recipe.top_k,
-            n_bootstrap=recipe.n_bootstrap,
-            seed=recipe.seed,
-            progress=progress,
-        )
-        study.detection = {
+        opts = {"positions": recipe.positions, "n_bootstrap": recipe.n_bootstrap,
+                "seed": recipe.seed, "progress": self.progress}  # fmt: skip
+        fixed = detect(org.base, models, org.sae, self.prompts, self.top_set,
+                       selection_fraction=0.0, **opts)  # fmt: skip
+        selected = detect(org.base, models, org.sae, self.prompts, k=recipe.top_k, **opts)
+        self.study.detection = {
             "auroc": fixed.auroc,
             "latents": list(fixed.latents),
             "ci": [fixed.main.ci_low, fixed.main.ci_high],
             "scores": fixed.scores,
-            "labels": dict(zip([s.name for s in recipe.finetunes], labels, strict=True)),
+            "labels": labels,
             "baselines": {k: v.as_dict() for k, v in fixed.baselines.items()},
             "selected": {
                 "auroc": selected.auroc,
@@ -1005,9 +1046,11 @@ def run_chat_study(
                 "leave_one_out": selected.auroc_leave_one_out,
             },
         }
-        study.seconds["detection"] = clock() - t
-        say(f"detection ({study.seconds['detection']:.0f} s)")
-    return study
+
+
+def _judge_stamp(judge: Any) -> Any:
+    stamp = getattr(judge, "stamp", None)
+    return stamp() if callable(stamp) else type(judge).__name__
 
 
 def _screen_row(row: Any) -> dict[str, Any]:
