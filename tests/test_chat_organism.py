@@ -233,6 +233,8 @@ def test_study_detection_labels_and_auroc(study, recipe):
 
 def test_study_json_round_trip_and_report(study, tmp_path):
 
+    nan = ChatStudy(recipe={}, detection={"auroc": float("nan"), "ci": (0.1, math.inf)})
+    assert json.loads(nan.to_json())["detection"] == {"auroc": None, "ci": [0.1, None]}
     back = ChatStudy.from_json(study.to_json())
     assert back.em == json.loads(json.dumps(study.em))
     assert back.top_latents[0]["latent"] == study.top_latents[0]["latent"]

@@ -104,9 +104,7 @@ def torch_handles(*handles: Any) -> HookHandle:
     return HookHandle(undo)
 
 
-def add_lens_hook(
-    model: Any, name: str, fn: HookFn, *, prepend: bool = False
-) -> HookHandle:
+def add_lens_hook(model: Any, name: str, fn: HookFn, *, prepend: bool = False) -> HookHandle:
     """Register ``fn(activation, hook) -> activation | None`` at TransformerLens hook point ``name``.
 
     Example:

@@ -130,3 +130,18 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 1) -> Path:
     """Write ``obj`` as strict JSON (no NaN/inf) to ``path`` atomically and return the path."""
     return write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=False))
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Load a JSON file; a damaged or wrong-kind file raises one error naming it and ``what``.
+
+    Example:
+        >>> import tempfile
+        >>> p = write_json_atomic(Path(tempfile.mkdtemp()) / "x.json", {"a": 1})
+        >>> read_json(p, "a test file")
+        {'a': 1}
+    """
+    from .errors import reading
+
+    with reading(path, what), open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -203,7 +203,9 @@ def _stream(
                 run_until(
                     model,
                     toks.to(device),
-                    hooks=[(s.hook_name, _grabber(got, ratios, s, rows, cols, upto)) for s in sites],
+                    hooks=[
+                        (s.hook_name, _grabber(got, ratios, s, rows, cols, upto)) for s in sites
+                    ],
                     stop_at=deepest,
                     attention_mask=mask.to(device),
                 )

@@ -718,7 +718,9 @@ def _orthonormal_rows(rows: Tensor) -> Tensor:
     """Orthonormal rows spanning the rows given (numerically dependent ones dropped)."""
     a = rows.detach().double()
     if not bool(torch.isfinite(a).all()):
-        raise InterventionError("the subspace contains NaN or inf entries; check how it was computed")
+        raise InterventionError(
+            "the subspace contains NaN or inf entries; check how it was computed"
+        )
     _u, sv, vh = torch.linalg.svd(a, full_matrices=False)
     if sv.numel() == 0 or float(sv[0]) == 0.0:
         raise InterventionError("cannot project out a zero subspace; pass non-zero directions")

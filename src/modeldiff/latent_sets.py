@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import html
-import json
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -390,11 +389,9 @@ class SelectionResult:
     @classmethod
     def load(cls, path: str | Path) -> SelectionResult:
         """Read what :meth:`save` wrote."""
-        from .errors import reading
+        from ._io import read_json
 
-        with reading(path, "a SelectionResult"), open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "a SelectionResult"))
 
     def __repr__(self) -> str:
         curve = ", ".join(f"{s.size}: {s.effect:+.3f}" for s in self.steps)

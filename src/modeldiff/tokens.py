@@ -271,7 +271,9 @@ def tokenize_prompts(
                     ids = ids + _encode(tok, response)
             else:
                 if spans is not None:
-                    spans["assistant"] = list(range(len(ids), len(ids) + len(_encode(tok, response))))
+                    spans["assistant"] = list(
+                        range(len(ids), len(ids) + len(_encode(tok, response)))
+                    )
                 ids = ids + _encode(tok, response)
         if not ids:
             raise PromptError(f"prompt {i} is empty after tokenization: {_describe(prompt)}")
@@ -284,7 +286,11 @@ def tokenize_prompts(
                 )
             ids = ids[:max_length]
             n_prompt = min(n_prompt, max_length)
-        kept = None if spans is None else {k: tuple(j for j in v if j < len(ids)) for k, v in spans.items()}
+        kept = (
+            None
+            if spans is None
+            else {k: tuple(j for j in v if j < len(ids)) for k, v in spans.items()}
+        )
         out.append(
             TokenizedPrompt(
                 tuple(ids),
@@ -344,7 +350,9 @@ def _encode_chat(
     return ids, spans
 
 
-def _tokens_in(tok: Any, text: str, ranges: list[tuple[int, int]]) -> tuple[list[int], list[int]] | None:
+def _tokens_in(
+    tok: Any, text: str, ranges: list[tuple[int, int]]
+) -> tuple[list[int], list[int]] | None:
     """``text``'s token ids and the indices of the tokens lying wholly inside ``ranges``."""
     try:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)

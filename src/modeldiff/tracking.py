@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import html
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ._io import atomic_path, write_json_atomic
+from ._io import atomic_path, read_json, write_json_atomic
 from .errors import ArgumentError, FileFormatError, reading
 from .latent_sets import LatentSet
 from .saes import sae_d_sae, sae_fingerprint
@@ -298,8 +297,7 @@ class LatentTrack:
 
         base = Path(path)
         meta_path, table_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
-        with reading(meta_path, "a saved LatentTrack"), open(meta_path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = read_json(meta_path, "a saved LatentTrack")
         if d.get("format") != "modeldiff.LatentTrack":
             raise FileFormatError(f"{str(meta_path)!r} is not a saved LatentTrack")
         with reading(table_path, "a saved LatentTrack's tables"):
@@ -651,9 +649,7 @@ class DetectionResult:
     @classmethod
     def load(cls, path: str | Path) -> DetectionResult:
         """Read what :meth:`save` wrote."""
-        with reading(path, "a saved DetectionResult"), open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "a saved DetectionResult"))
 
     def __repr__(self) -> str:
         base = ", ".join(f"{k} {v.auroc:.2f}" for k, v in self.baselines.items())

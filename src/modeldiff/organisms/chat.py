@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from modeldiff._io import write_json_atomic, write_text_atomic
+from modeldiff._io import read_json, write_json_atomic, write_text_atomic
 from modeldiff.errors import ArgumentError
 
 __all__ = [
@@ -553,12 +553,15 @@ def build_chat_organism(
         seconds[f"finetune {spec.name}"] = _done_seconds(folder / f"ft-{spec.name}")
     seconds["sae"] = _done_seconds(folder / "sae")
     sae = load_sae(str(folder / "sae" / "sae"))
-    with open(folder / "sae" / "sae" / "quality_report.json") as f:
-        report = SAEQualityReport.from_dict(json.load(f))
-    curves = {}
-    for spec in recipe.finetunes:
-        with open(folder / f"ft-{spec.name}" / "curve.json") as f:
-            curves[spec.name] = LossCurve.from_dict(json.load(f))
+    report = SAEQualityReport.from_dict(
+        read_json(folder / "sae" / "sae" / "quality_report.json", "an SAE quality report")
+    )
+    curves = {
+        spec.name: LossCurve.from_dict(
+            read_json(folder / f"ft-{spec.name}" / "curve.json", "a fine-tune's loss curve")
+        )
+        for spec in recipe.finetunes
+    }
     snap_dir = folder / f"ft-{primary}" / "snapshots"
     snapshots = sorted(
         (int(p.name.split("-")[1]), p) for p in snap_dir.glob("step-*") if p.is_dir()
@@ -578,8 +581,7 @@ def build_chat_organism(
 
 
 def _done_seconds(stage: Path) -> float:
-    with open(stage / "done.json") as f:
-        return float(json.load(f)["seconds"])
+    return float(read_json(stage / "done.json", "a chat-organism stage record")["seconds"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -638,8 +640,9 @@ class ChatStudy:
     diff: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
+        """Strict JSON (a NaN, such as an AUROC that could not be computed, becomes null)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "diff"}
-        return json.dumps(d, indent=1, default=_jsonable)
+        return json.dumps(_finite(d), indent=1, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> ChatStudy:
@@ -727,14 +730,19 @@ class ChatStudy:
         return render_page(title, sections(self, fig_fragment))
 
 
-def _jsonable(x: Any) -> Any:
+def _finite(x: Any) -> Any:
+    """``x`` with tuples as lists, paths as strings, tensors' items, and NaN/inf as ``None``."""
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
     if isinstance(x, Path):
         return str(x)
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return None
-    if hasattr(x, "item"):
-        return x.item()
-    raise TypeError(f"cannot write {type(x).__name__} as JSON")
+    return x
 
 
 def _score(model: Any, questions: Any) -> Any:
