@@ -240,30 +240,45 @@ class LatentStats:
     def _dense_parts(
         self, acts: Tensor, key: Tensor, inv: Tensor, n_rows: int, fire_f: Tensor | None = None
     ) -> tuple:
-        # Column reductions over a [tokens, d_sae] batch are memory-bound: each pass below is one
-        # read of the batch (a matrix-vector product where a reduction along dim 0 would be slow).
-        n, dev = acts.shape[0], acts.device
-        a64 = acts.to(torch.float64)
-        per_prompt = torch.zeros(n_rows, self.d_sae, dtype=torch.float64, device=dev)
-        per_prompt.index_add_(0, inv, a64)
+        # Column reductions over a [tokens, d_sae] batch are memory-bound. The float64 sums are
+        # taken over row blocks small enough to stay in cache (~2 MB as float64), so the float64
+        # copy of the batch never goes to memory: each block is converted, summed per prompt,
+        # squared and summed in place while it is hot. (Column sums are matrix-vector products,
+        # which is faster than a reduction along dim 0.)
+        n, d, dev = acts.shape[0], self.d_sae, acts.device
+        per_prompt = torch.zeros(n_rows, d, dtype=torch.float64, device=dev)
+        sq = torch.zeros(1, d, dtype=torch.float64, device=dev)
+        count_fire = fire_f is None
+        fire_acc = torch.zeros(1, d, dtype=torch.float32, device=dev) if count_fire else fire_f
+        block = max(1, (1 << 21) // (8 * d))
+        ones64 = torch.ones(1, block, dtype=torch.float64, device=dev)
+        ones32 = torch.ones(1, block, dtype=torch.float32, device=dev)
+        for i in range(0, n, block):
+            part = acts[i : i + block]
+            m = part.shape[0]
+            if count_fire:
+                fire_acc += ones32[:, :m] @ (part > 0).to(torch.float32)
+            a64 = part.to(torch.float64)
+            per_prompt.index_add_(0, inv[i : i + block], a64)
+            sq += ones64[:, :m] @ a64.square_()
         s = per_prompt.sum(0)
-        if fire_f is None:
-            fire_f = _count_rows(acts > 0)
-        fire = fire_f.reshape(-1).round().long()
+        fire = fire_acc.reshape(-1).round().long()
+        # each column's max and the first row (rows are sorted by location) that holds it: the
+        # rows equal to a positive max are few, so find them with nonzero and keep the smallest
         mx = acts.amax(0)
-        # the first row holding each column's max (rows are sorted by location): the largest of
-        # (n - row) over the rows equal to the max
-        rev = torch.arange(n, 0, -1, device=dev, dtype=torch.float32).unsqueeze(1)
-        row = n - ((acts == mx).to(torch.float32) * rev).amax(0).long()
+        target = torch.where(mx > 0, mx, torch.inf)
+        r, c = (acts == target).nonzero(as_tuple=True)
+        row = torch.full((d,), n - 1, dtype=torch.long, device=dev).scatter_reduce_(
+            0, c, r, "amin", include_self=False
+        )
         mx = mx.to(torch.float64).clamp_min(0.0)
-        mk = torch.where(mx > 0, key[row.clamp(0, n - 1)], _NO_LOC)
-        sq = (torch.ones(1, n, dtype=torch.float64, device=dev) @ a64.square_()).reshape(-1)
+        mk = torch.where(mx > 0, key[row], _NO_LOC)
         if self.track_prompts:
             r, lat = per_prompt.nonzero(as_tuple=True)
             pp = (r.cpu(), lat.cpu(), per_prompt[r, lat].cpu())
         else:
             pp = None
-        return s, sq, fire, mx, mk, pp
+        return s, sq.reshape(-1), fire, mx, mk, pp
 
     def _sparse_parts(
         self, r: Tensor, c: Tensor, v: Tensor, key: Tensor, inv: Tensor, n_rows: int
