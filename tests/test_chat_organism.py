@@ -227,6 +227,7 @@ def test_study_detection_labels_and_auroc(study, recipe):
     d = study.detection
     assert d["labels"] == {f.name: f.misaligned for f in recipe.finetunes}
     assert 0.0 <= d["auroc"] <= 1.0 and d["ci"][0] <= d["auroc"] <= d["ci"][1]
+    # three models, one control: leaving the control out leaves one label, so no LOO baseline
     assert set(d["baselines"]) == {"residual drift", "mean-difference direction"}
     assert len(d["selected"]["latents"]) == recipe.top_k
 

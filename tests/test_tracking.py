@@ -276,6 +276,28 @@ def test_detect_selects_the_planted_latent_on_held_out_prompts(base, sae, zoo):
 
     drift = float((mean_resid(models["bad2"][0]) - mean_resid(base)).norm())
     assert r.baselines["residual drift"].scores["bad2"] == pytest.approx(drift, rel=1e-4)
+    # the leave-one-model-out mean-difference baseline, by hand for bad2: a direction fit on the
+    # other seven models' selection-prompt shifts, applied to bad2's evaluation-prompt shift
+    sel_idx, _ = _split(len(PROMPTS), 0.5, 0)
+    sel = [PROMPTS[i] for i in sel_idx]
+
+    def shift(m, prompts):
+        def mean(model):
+            rows = [
+                b.acts[next(iter(b.acts))]
+                for b in capture(model, prompts, SITE, positions="prompt", progress=False)
+            ]
+            return torch.cat(rows).double().mean(0)
+
+        return mean(m) - mean(base)
+
+    others = {k: v for k, v in models.items() if k != "bad2"}
+    bad = torch.stack([shift(m, sel) for m, y in others.values() if y]).mean(0)
+    good = torch.stack([shift(m, sel) for m, y in others.values() if not y]).mean(0)
+    u = (bad - good) / (bad - good).norm()
+    loo = r.baselines["mean-difference direction, leave one model out"]
+    assert loo.scores["bad2"] == pytest.approx(float(shift(models["bad2"][0], ev) @ u), rel=1e-3)
+    assert loo.auroc == 1.0  # the planted push is in every misaligned model
     # given latents: nothing is selected, all prompts score
     r2 = detect(
         base,

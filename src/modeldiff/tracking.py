@@ -791,9 +791,11 @@ def detect(
     A model's score is the set's score of its mean shifts (``Σ w_i Δ_i / Σ |w_i|``). Reported:
     AUROC with a stratified bootstrap CI over models, the threshold maximising TPR − FPR,
     per-model scores, a leave-one-model-out AUROC (latents re-selected without the model scored),
-    and the baselines: ``"residual drift"`` (norm of the mean residual shift) and
+    and the baselines: ``"residual drift"`` (norm of the mean residual shift),
     ``"mean-difference direction"`` (the residual shift projected on misaligned-minus-aligned mean
-    shift, from the selection prompts).
+    shift, from the selection prompts; fit on the same models' labels, so in-sample) and, when each
+    label keeps a model without the one scored, ``"mean-difference direction, leave one model
+    out"`` (each model projected on a direction fit without it: the comparison to quote).
 
     Example:
         >>> from sae_lens import StandardSAE, StandardSAEConfig
@@ -805,7 +807,7 @@ def detect(
         >>> r = detect(base, models, StandardSAE(cfg), ["Hi", "A fox", "The cat", "Go on"], k=3,
         ...            n_bootstrap=20, progress=False)
         >>> 0.0 <= r.auroc <= 1.0, len(r.latents), sorted(r.baselines)
-        (True, 3, ['mean-difference direction', 'residual drift'])
+        (True, 3, ['mean-difference direction', 'mean-difference direction, leave one model out', 'residual drift'])
     """
     from tqdm.auto import tqdm
 
@@ -903,11 +905,32 @@ def detect(
             "residual drift", keys, drift, labels, n_bootstrap, confidence, seed
         )
         source = torch.stack(r_sel) if r_sel else re_
-        u = source[labels].mean(0) - source[~labels].mean(0)
-        u = u / u.norm().clamp_min(1e-300)
+
+        def direction(keep: Tensor) -> Tensor:
+            y = labels[keep]
+            u = source[keep][y].mean(0) - source[keep][~y].mean(0)
+            return u / u.norm().clamp_min(1e-300)
+
+        everyone = torch.ones(len(items), dtype=torch.bool)
         base_out["mean-difference direction"] = _separation(
-            "mean-difference direction", keys, re_ @ u, labels, n_bootstrap, confidence, seed
-        )
+            "mean-difference direction", keys, re_ @ direction(everyone), labels, n_bootstrap,
+            confidence, seed,
+        )  # fmt: skip
+        # the direction is fit on the models' labels, so the score above is in-sample; each
+        # model scored on a direction fit without it is the honest comparison
+        loo_scores = []
+        for m in range(len(items)):
+            keep = everyone.clone()
+            keep[m] = False
+            if labels[keep].all() or not labels[keep].any():
+                loo_scores = []
+                break
+            loo_scores.append(float(re_[m] @ direction(keep)))
+        if loo_scores:
+            name = "mean-difference direction, leave one model out"
+            base_out[name] = _separation(
+                name, keys, torch.tensor(loo_scores), labels, n_bootstrap, confidence, seed
+            )
     return DetectionResult(
         main,
         base_out,

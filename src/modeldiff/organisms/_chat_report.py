@@ -214,15 +214,18 @@ def sections(study: Any, fig_fragment: Callable[[Any], str]) -> list[tuple[str, 
         out.append(("tracking", "The top latents over training and bad data", "".join(parts)))
     if study.detection:
         d = study.detection
+        sel = d["selected"]
         rows = [
-            ("top latents (fixed)", fmt(d["auroc"]), f"[{fmt(d['ci'][0])}, {fmt(d['ci'][1])}]"),
-            (
-                "latents selected on half the prompts",
-                fmt(d["selected"]["auroc"]),
-                f"[{fmt(d['selected']['ci'][0])}, {fmt(d['selected']['ci'][1])}]",
-            ),
-        ]
-        rows += [(k, fmt(v.get("auroc")), "") for k, v in d["baselines"].items()]
+            ("top latents of the diff (no labels used)", fmt(d["auroc"]),
+             f"[{fmt(d['ci'][0])}, {fmt(d['ci'][1])}]"),
+            ("latents selected on the labels (in-sample)", fmt(sel["auroc"]),
+             f"[{fmt(sel['ci'][0])}, {fmt(sel['ci'][1])}]"),
+            ("  the same, leave one model out", fmt(sel.get("leave_one_out")), ""),
+        ]  # fmt: skip
+        for k, v in sel.get("baselines", d["baselines"]).items():
+            rows.append(
+                (k, fmt(v.get("auroc")), f"[{fmt(v.get('ci_low'))}, {fmt(v.get('ci_high'))}]")
+            )
         out.append(
             (
                 "detection",

@@ -807,6 +807,8 @@ def run_chat_study(
         raise ArgumentError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     run = _Run(org, judge, dict(judge_options or {}), progress, log or (lambda _line: None))
     wanted = set(STAGES if stages is None else stages)
+    if judge is None:
+        wanted.discard("judge")
     if wanted & {"causal", "tracking", "detection"}:
         wanted.add("diff")  # they work on the diff's top latents
     for name in STAGES:
@@ -882,8 +884,6 @@ class _Run:
             }
 
     def judge(self) -> None:
-        if self.judge_ is None:
-            return
         from modeldiff.evals.scores import evaluate
 
         opts = {"seed": self.recipe.seed, "progress": self.progress, **self.judge_options}
@@ -1052,6 +1052,7 @@ class _Run:
                 "ci": [selected.main.ci_low, selected.main.ci_high],
                 "latents": list(selected.latents),
                 "leave_one_out": selected.auroc_leave_one_out,
+                "baselines": {k: v.as_dict() for k, v in selected.baselines.items()},
             },
         }
 
