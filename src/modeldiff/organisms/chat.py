@@ -461,8 +461,8 @@ def build_chat_organism(
 
     Args:
         recipe: what to build (default :meth:`ChatRecipe.default`: SmolLM2-135M-Instruct, eight
-            fine-tunes of 40 × 8 examples, a 4608-latent TopK SAE at layer 15; about 45 minutes
-            on two CPU cores the first time, seconds afterwards).
+            fine-tunes of 40 × 8 examples, a 4608-latent TopK SAE at layer 15; 73 minutes on a
+            shared two-core CPU machine the first time, about a minute afterwards).
         cache: cache root (default :func:`~modeldiff.organisms.cache_dir`).
         progress: progress bars.
 
