@@ -791,16 +791,16 @@ def run_chat_study(
         progress: progress bars.
         log: called with a line per finished stage (e.g. ``print``).
 
-    Example (the build's example, then the study; seconds):
+    Example (the build's example, then two stages of the study; seconds):
         >>> import dataclasses, tempfile
         >>> from modeldiff.testing import save_tiny_hf_model
         >>> path = save_tiny_hf_model("llama", tempfile.mkdtemp(), n_ctx=1024)
         >>> recipe = dataclasses.replace(ChatRecipe.tiny(model=str(path)), finetunes=(
         ...     FinetuneSpec("medical", "medical"), FinetuneSpec("control", "medical", 0.0)))
         >>> org = build_chat_organism(recipe, progress=False)
-        >>> study = run_chat_study(org, progress=False)
-        >>> sorted(study.em), len(study.top_latents), study.realign["step"]
-        (['base', 'control', 'medical'], 2, [0, 2, 4])
+        >>> study = run_chat_study(org, stages=["em", "diff"], progress=False)  # or all stages
+        >>> sorted(study.em), len(study.top_latents), study.realign
+        (['base', 'control', 'medical'], 2, {})
     """
     unknown = [x for x in (stages or ()) if x not in STAGES]
     if unknown:
