@@ -225,3 +225,35 @@ def test_the_stream_holds_no_reference_to_a_yielded_batch(tiny_ht):
     del b
     assert [r() for r in refs] == [None] * len(SITES)
     assert len(list(stream)) == 2
+
+
+def test_mixed_train_and_eval_modes_are_given_back_as_they_were(tiny_ht):
+    """Capture runs the model in eval mode and gives back each submodule's own mode: a model in
+    training mode with one block frozen in eval mode keeps exactly that mix (model.train() would set
+    every part alike). An error mid-capture restores them too."""
+    model = tiny_ht
+    model.train()
+    model.blocks[0].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    seen: list[bool] = []
+    prompts = ["hello world", "the quick fox"]
+
+    def spy(x, hook):
+        seen.append(any(m.training for m in model.modules()))
+
+    def boom(x, hook):
+        raise RuntimeError("stop")
+
+    try:
+        h = add_hook(model, "blocks.0.hook_resid_pre", spy)
+        list(capture(model, prompts, SITES, batch_size=2, progress=False))
+        h.remove()
+        assert seen == [False]  # the forward ran in eval mode throughout
+        assert {name: m.training for name, m in model.named_modules()} == before
+        h = add_hook(model, "blocks.0.hook_resid_pre", boom)
+        with pytest.raises(RuntimeError, match="stop"):
+            list(capture(model, prompts, SITES, progress=False))
+        h.remove()
+        assert {name: m.training for name, m in model.named_modules()} == before
+    finally:
+        model.eval()

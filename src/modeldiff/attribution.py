@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._hooks import eval_mode, restore_training
 from .adapters import adapter_for
 from .capture import capture
 from .errors import ArgumentError
@@ -175,8 +176,7 @@ def _attribute(
     sums = torch.zeros(d_sae, dtype=torch.float64)
     stats = SiteStats(d_sae, adapter.d_model, track_prompts=False)
     n = 0
-    was_training = model.training
-    model.eval()
+    in_training = eval_mode(model)
     try:
         starts = range(0, len(tokenized), batch_size)
         for start in tqdm(starts, desc=f"attribution ({desc})", disable=not progress):
@@ -232,5 +232,5 @@ def _attribute(
                 )
             del held, grad, logits, logp, loss
     finally:
-        model.train(was_training)
+        restore_training(in_training)
     return sums, n, stats

@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._hooks import run_until
+from ._hooks import eval_mode, restore_training, run_until
 from .adapters import adapter_for
 from .errors import ArgumentError
 from .models import model_device
@@ -180,8 +180,7 @@ def _stream(
     # prompts is minutes of work, and "0/1 batch" shows nothing moving
     n_selected = [sum(len(selections[todo[j]]) for j in batch) for batch in batches]
     bar = tqdm(total=sum(n_selected), desc=desc, disable=not progress, unit="tok", unit_scale=True)
-    was_training = model.training
-    model.eval()
+    in_training = eval_mode(model)
     try:
         for batch, n_batch in zip(batches, n_selected, strict=True):
             idx = [todo[j] for j in batch]
@@ -221,7 +220,7 @@ def _stream(
             )
     finally:
         bar.close()
-        model.train(was_training)
+        restore_training(in_training)
 
 
 def _grabber(

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from ._hooks import eval_mode, restore_training
 from ._io import atomic_path, write_json_atomic
 from .adapters import adapter_for
 from .errors import (
@@ -425,8 +426,7 @@ def response_loss(
     ids, targets = _targets(model, dataset, loss_on, False)
     pad = pad_id(adapter.tokenizer)
     total, count = 0.0, 0
-    was_training = getattr(model, "training", False)
-    model.eval()
+    in_training = eval_mode(model)
     try:
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
@@ -437,7 +437,7 @@ def response_loss(
                 total += float(_sft_loss(logits, toks, tmask)) * n
                 count += n
     finally:
-        model.train(was_training)
+        restore_training(in_training)
     return total / count
 
 

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ._hooks import eval_mode, restore_training
 from .adapters import adapter_for
 from .errors import ModeldiffError
 from .interventions import ForwardPositions, publish_positions
@@ -156,8 +157,7 @@ def generate_ids(
     eos = _eos_ids(model) if stop_at_eos else set()
     pad = pad_id(adapter.tokenizer)
     out: list[list[int]] = []
-    was_training = model.training
-    model.eval()
+    in_training = eval_mode(model)
     # The bar counts finished answers; within a batch its postfix follows the decoding step and
     # the tokens generated so far, so a long batch still shows progress.
     bar = tqdm(total=len(tokenized), desc="generate", unit="answer", disable=not progress)
@@ -191,7 +191,7 @@ def generate_ids(
                 bar.update(len(chunk))
     finally:
         bar.close()
-        model.train(was_training)
+        restore_training(in_training)
     return out
 
 

@@ -55,6 +55,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._hooks import eval_mode, restore_training
 from ._io import SaveError, _alive, _fsync_dir, write_json_atomic
 from .adapters import adapter_for
 from .capture import capture
@@ -513,8 +514,7 @@ def evaluate_sae(
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl = {"sae": 0.0, "zero": 0.0}
     n_pred = 0
-    was_training = model.training
-    model.eval()
+    in_training = eval_mode(model)
     try:
         for start in tqdm(
             range(0, len(order), batch_size), desc=f"evaluate SAE ({label})", disable=not progress
@@ -544,7 +544,7 @@ def evaluate_sae(
                 kl[name] += float((lp_clean.exp() * (lp_clean - lp)).sum())
             n_pred += int(scored.sum())
     finally:
-        model.train(was_training)
+        restore_training(in_training)
     if n_pred:
         ce = {k: v / n_pred for k, v in ce.items()}
         kl = {k: v / n_pred for k, v in kl.items()}

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._hooks import HookFn, HookHandle
+from .._hooks import HookFn, HookHandle, eval_mode, restore_training
 from ..errors import UnsupportedError
 from ..sites import KINDS, Site
 from .base import AdapterError, DecodeState, ModelAdapter, register_adapter
@@ -431,8 +431,7 @@ class NativeAdapter(ModelAdapter):
                             lambda m, a, o, L=L, store=store: keep(store, L, _first_tensor(o))
                         )
                     )
-        was_training = self.model.training
-        self.model.eval()
+        in_training = eval_mode(self.model)
         try:
             n = max(3, min(self.d_vocab_safe(), 5))
             toks = (
@@ -444,7 +443,7 @@ class NativeAdapter(ModelAdapter):
         finally:
             for h in handles:
                 h.remove()
-            self.model.train(was_training)
+            restore_training(in_training)
         return pre, attn, mlp, post
 
     def d_vocab_safe(self) -> int:

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .._hooks import eval_mode, restore_training
 from ..adapters import adapter_for
 from ..errors import ArgumentError
 from .questions import Question, load_questions
@@ -175,8 +176,7 @@ def response_logprobs(
     device = adapter.input_device
     pad = pad_id(adapter.tokenizer)
     out: list[Tensor] = []
-    was_training = model.training
-    model.eval()
+    in_training = eval_mode(model)
     try:
         with (
             torch.no_grad(),
@@ -196,7 +196,7 @@ def response_logprobs(
                     out.append(logp[r, idx - 1, toks[r, idx]].cpu())
                 bar.update(len(chunk))
     finally:
-        model.train(was_training)
+        restore_training(in_training)
     return out
 
 
