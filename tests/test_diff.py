@@ -526,3 +526,40 @@ def test_sae_encodes_in_chunks_without_changing_any_statistic(tiny_ht, planted, 
             atol=1e-5,
         )
     assert torch.equal(chunked.order[:10], whole.order[:10])
+
+
+def test_topk_sae_is_encoded_sparse_with_the_dense_encodes_result(tiny_ht, planted, monkeypatch):
+    """A TopK SAE's latents reach the statistics as sae-lens' own sparse tensor (no scan for the
+    non-zeros); the diff must equal one fed the dense encode, and the SAE's switch must be back
+    afterwards, also when the encode fails."""
+    import modeldiff.diff as diff_mod
+    from modeldiff.saes import encode_sparse
+
+    sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=96, k=4))
+    sae.cfg.metadata.hook_name = SITE.hook_name
+    kw = dict(positions="all", batch_size=3, progress=False)
+    fed: list[bool] = []
+
+    def spy(s, x):
+        z = encode_sparse(s, x)
+        fed.append(z.is_sparse)
+        return z
+
+    monkeypatch.setattr(diff_mod, "encode_sparse", spy)
+    sparse = diff_latents(tiny_ht, planted[0], sae, PROMPTS, **kw)
+    assert fed and all(fed)
+    monkeypatch.setattr(diff_mod, "encode_sparse", lambda s, x: s.encode(x))
+    dense = diff_latents(tiny_ht, planted[0], sae, PROMPTS, **kw)
+    for k in ("mean_base", "mean_finetuned", "freq_base", "max_base", "max_base_prompt", "p_value"):
+        torch.testing.assert_close(sparse.column(k), dense.column(k), rtol=1e-12, atol=0, msg=k)
+    assert torch.equal(sparse.order, dense.order)
+    assert sae.activation_fn.use_sparse_activations is False
+
+    def boom(module, args):
+        raise RuntimeError("encoder failed")
+
+    handle = sae.hook_sae_acts_post.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        encode_sparse(sae, torch.randn(2, 64))
+    handle.remove()
+    assert sae.activation_fn.use_sparse_activations is False

@@ -50,7 +50,7 @@ from .errors import (
 )
 from .rankings import RANKINGS as _RANKINGS
 from .rankings import compute_ranking
-from .saes import SAEError, check_sae, load_sae, sae_fingerprint, sae_identity
+from .saes import SAEError, check_sae, encode_sparse, load_sae, sae_fingerprint, sae_identity
 from .sites import Site, as_sites
 from .stats import SiteStats, VectorStats
 from .tokens import Positions, Prompt, select_positions, tokenize_prompts
@@ -1066,7 +1066,8 @@ def _encode_into(
     for j in range(0, x.shape[0], rows):
         sl = slice(j, j + rows)
         xs = x[sl]
-        stats.update(sae.encode(xs), xs, prompt_index=prompt_index[sl], position=position[sl])
+        z = encode_sparse(sae, xs)  # sparse for a TopK SAE: no scan for its few non-zeros
+        stats.update(z, xs, prompt_index=prompt_index[sl], position=position[sl])
 
 
 def _batch_plan(

@@ -32,6 +32,7 @@ from .sites import Site
 __all__ = [
     "SAEError",
     "check_sae",
+    "encode_sparse",
     "is_batch_coupled",
     "load_sae",
     "model_dtype_device",
@@ -208,6 +209,43 @@ def is_batch_coupled(sae: Any) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(getattr(sae, "activation_fn", None), BatchTopK)
+
+
+def encode_sparse(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    """The SAE's latent activations of ``x``: a sparse COO tensor for an sae-lens TopK SAE, the
+    ordinary dense encode for every other SAE.
+
+    A TopK encoder keeps ``k`` latents per token, so its dense output is almost all zeros, and
+    finding the non-zeros again costs more than the statistics built on them. sae-lens' TopK
+    activation can return its top-k entries as a sparse tensor (``use_sparse_activations``); this
+    switches that on for the one call and restores it on every exit path. The values are exactly the
+    dense encode's (the same top-k, the same ReLU); an entry may be an explicit zero.
+
+    Example:
+        >>> import torch
+        >>> from sae_lens import TopKSAE, TopKSAEConfig
+        >>> sae = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=2))
+        >>> x = torch.randn(3, 8)
+        >>> z = encode_sparse(sae, x)
+        >>> z.is_sparse, torch.equal(z.to_dense(), sae.encode(x))
+        (True, True)
+    """
+    try:
+        from sae_lens.saes.topk_sae import TopK
+    except ImportError:  # pragma: no cover
+        return sae.encode(x)
+    act = getattr(sae, "activation_fn", None)
+    if type(act) is not TopK or x.ndim != 2:
+        return sae.encode(x)
+    before = act.use_sparse_activations
+    act.use_sparse_activations = True
+    try:
+        # sae-lens builds the tensor from valid indices; opting out of the checks explicitly keeps
+        # torch from warning that they are off
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            return sae.encode(x)
+    finally:
+        act.use_sparse_activations = before
 
 
 def to_inference_sae(sae: Any) -> Any:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import ArgumentError
@@ -57,14 +57,6 @@ _POS_BITS = 32  # a max location is stored as one int64 key: prompt << 32 | posi
 _NO_LOC = -1
 # Below this fraction of non-zero activations the sparse update path is cheaper than the dense one.
 _SPARSE_FRACTION = 0.05
-
-
-def _count_rows(mask: Bool[Tensor, "n d"]) -> Float[Tensor, "1 d"]:
-    """How many rows are true in each column, as a float32 matrix-vector product (exact below 2^24
-    rows; a batch has far fewer), which is several times faster than ``mask.sum(0)``."""
-    return torch.ones(1, mask.shape[0], dtype=torch.float32, device=mask.device) @ mask.to(
-        torch.float32
-    )
 
 
 def _loc_key(prompt_index: Tensor, position: Tensor) -> Tensor:
@@ -176,7 +168,11 @@ class LatentStats:
         prompt_index: Int[Tensor, " n"],
         position: Int[Tensor, " n"],
     ) -> None:
-        """Fold in the latent activations of ``n`` tokens (any device; statistics live on CPU)."""
+        """Fold in the latent activations of ``n`` tokens (any device; statistics live on CPU).
+
+        ``acts`` may be dense or a sparse COO tensor (what :func:`modeldiff.saes.encode_sparse`
+        gives for a TopK SAE); both give the same statistics.
+        """
         if acts.ndim != 2 or acts.shape[1] != self.d_sae:
             raise ArgumentError(
                 f"acts must have shape [n, {self.d_sae}] (one row per token, one column per latent); "
@@ -193,33 +189,47 @@ class LatentStats:
         prompt_index = prompt_index.to(acts.device).long()
         position = position.to(acts.device).long()
         key = _loc_key(prompt_index, position)
+        coo = None
+        if acts.is_sparse:  # (row, latent, value) triples as given: no scan for the non-zeros
+            idx, val = acts._indices(), acts._values()
+            nz = val != 0
+            coo = (idx[0][nz], idx[1][nz], val[nz])
         if bool((key[1:] < key[:-1]).any()):  # keep "first occurrence" = smallest location
             order = torch.argsort(key, stable=True)
-            acts, key, prompt_index = acts[order], key[order], prompt_index[order]
+            key, prompt_index = key[order], prompt_index[order]
+            if coo is None:
+                acts = acts[order]
+            else:  # renumber the rows instead of moving them
+                new_row = torch.empty_like(order)
+                new_row[order] = torch.arange(n, device=order.device)
+                coo = (new_row[coo[0]], coo[1], coo[2])
         uniq, inv = torch.unique_consecutive(prompt_index, return_inverse=True)
-        # Dense (or signed) batches take the dense path; only sparse ones pay for nonzero(), which
-        # on a dense batch costs more than the rest of the update together.
-        fire_f = None
-        if bool(acts.min() < 0):
-            dense = True
-        else:
-            # Which path is only a matter of speed (both are exact): a sample of rows decides
-            # unless it lands near the threshold, then an exact count does.
-            sample = acts[:: max(1, n // 64)]
-            share = float(torch.count_nonzero(sample)) / max(sample.numel(), 1)
-            if share > 2 * _SPARSE_FRACTION:
-                dense = True
-            elif share < _SPARSE_FRACTION / 2:
-                dense = False
-            else:
-                fire_f = _count_rows(acts > 0)
-                dense = float(fire_f.sum()) > _SPARSE_FRACTION * acts.numel()
-        if dense:
-            parts = self._dense_parts(acts, key, inv, len(uniq), fire_f)
+        if coo is not None:
+            r, c, v = coo
+            parts = self._sparse_parts(r, c, v.to(torch.float64), key, inv, len(uniq))
+        elif self._is_dense(acts):
+            parts = self._dense_parts(acts, key, inv, len(uniq))
         else:
             r, c = acts.nonzero(as_tuple=True)  # row-major: sorted by token row
             v = acts[r, c]
             parts = self._sparse_parts(r, c, v.to(torch.float64), key, inv, len(uniq))
+        self._fold(n, parts, uniq, inv)
+
+    @staticmethod
+    def _is_dense(acts: Tensor) -> bool:
+        # Dense batches take the dense path; only sparse ones pay for nonzero(), which on a dense
+        # batch costs more than the rest of the update together. Which path is only a matter of
+        # speed (both are exact, signed activations included): a sample of rows decides unless it
+        # lands near the threshold, then an exact count does.
+        sample = acts[:: max(1, acts.shape[0] // 64)]
+        share = float(torch.count_nonzero(sample)) / max(sample.numel(), 1)
+        if share > 2 * _SPARSE_FRACTION:
+            return True
+        if share < _SPARSE_FRACTION / 2:
+            return False
+        return float(torch.count_nonzero(acts)) > _SPARSE_FRACTION * acts.numel()
+
+    def _fold(self, n: int, parts: tuple, uniq: Tensor, inv: Tensor) -> None:
         s, sq, fire, mx, mk = (t.cpu() for t in parts[:5])
         pp = parts[5]
         self.count += n
@@ -238,39 +248,53 @@ class LatentStats:
             self._pending.append((uniq_cpu[rows] * self.d_sae + lat, val))
 
     def _dense_parts(
-        self, acts: Tensor, key: Tensor, inv: Tensor, n_rows: int, fire_f: Tensor | None = None
+        self,
+        acts: Tensor,
+        key: Tensor,
+        inv: Tensor,
+        n_rows: int,
     ) -> tuple:
-        # Column reductions over a [tokens, d_sae] batch are memory-bound. The float64 sums are
-        # taken over row blocks small enough to stay in cache (~2 MB as float64), so the float64
-        # copy of the batch never goes to memory: each block is converted, summed per prompt,
-        # squared and summed in place while it is hot. (Column sums are matrix-vector products,
-        # which is faster than a reduction along dim 0.)
+        # Column reductions over a [tokens, d_sae] batch are memory-bound, so the batch is read once,
+        # in row blocks small enough to stay in cache: each block is converted to float64 there
+        # (never the whole batch) and its per-prompt sums and sums of squares are matrix products.
+        # Comparisons that make bool tensors are several times slower on CPU than float arithmetic,
+        # so firing is counted from sign() and maxima are located with amax/argmax.
         n, d, dev = acts.shape[0], self.d_sae, acts.device
+        a32 = acts if acts.dtype == torch.float32 else acts.float()
         per_prompt = torch.zeros(n_rows, d, dtype=torch.float64, device=dev)
         sq = torch.zeros(1, d, dtype=torch.float64, device=dev)
-        count_fire = fire_f is None
-        fire_acc = torch.zeros(1, d, dtype=torch.float32, device=dev) if count_fire else fire_f
-        block = max(1, (1 << 21) // (8 * d))
+        fire_acc = torch.zeros(1, d, dtype=torch.float64, device=dev)
+        block = max(1, min(128, (1 << 21) // (4 * d)))
+        starts = range(0, n, block)
+        block_max = torch.empty(len(starts), d, dtype=torch.float32, device=dev)
+        ones = torch.ones(1, block, dtype=torch.float32, device=dev)
         ones64 = torch.ones(1, block, dtype=torch.float64, device=dev)
-        ones32 = torch.ones(1, block, dtype=torch.float32, device=dev)
-        for i in range(0, n, block):
-            part = acts[i : i + block]
+        inv_cpu = inv.cpu()
+        for b, i in enumerate(starts):
+            part = a32[i : i + block]
             m = part.shape[0]
-            if count_fire:
-                fire_acc += ones32[:, :m] @ (part > 0).to(torch.float32)
-            a64 = part.to(torch.float64)
-            per_prompt.index_add_(0, inv[i : i + block], a64)
+            lo, hi = int(inv_cpu[i]), int(inv_cpu[i + m - 1]) + 1
+            a64 = part.to(torch.float64)  # in cache: a block, never the whole batch
+            if hi - lo == 1:
+                per_prompt[lo] += (ones64[:, :m] @ a64).reshape(-1)
+            else:
+                span = torch.arange(lo, hi, device=dev).unsqueeze(1)
+                onehot = (inv[i : i + m].unsqueeze(0) == span).to(torch.float64)
+                per_prompt[lo:hi] += onehot @ a64
             sq += ones64[:, :m] @ a64.square_()
+            fire_acc += ones[:, :m] @ torch.sign(part).clamp_(min=0)  # 1 where > 0
+            torch.amax(part, 0, out=block_max[b])
         s = per_prompt.sum(0)
         fire = fire_acc.reshape(-1).round().long()
-        # each column's max and the first row (rows are sorted by location) that holds it: the
-        # rows equal to a positive max are few, so find them with nonzero and keep the smallest
-        mx = acts.amax(0)
-        target = torch.where(mx > 0, mx, torch.inf)
-        r, c = (acts == target).nonzero(as_tuple=True)
-        row = torch.full((d,), n - 1, dtype=torch.long, device=dev).scatter_reduce_(
-            0, c, r, "amin", include_self=False
-        )
+        # each column's max, and its first row: the first block holding it, then argmax (which
+        # returns the first maximal index) over that block's columns only
+        mx = block_max.amax(0)
+        first_block = (block_max == mx).to(torch.uint8).argmax(0)
+        row = torch.zeros(d, dtype=torch.long, device=dev)
+        for b in first_block[mx > 0].unique().tolist():
+            cols = ((first_block == b) & (mx > 0)).nonzero().flatten()
+            i = starts[b]
+            row[cols] = a32[i : i + block].index_select(1, cols).argmax(0) + i
         mx = mx.to(torch.float64).clamp_min(0.0)
         mk = torch.where(mx > 0, key[row], _NO_LOC)
         if self.track_prompts:
@@ -286,11 +310,11 @@ class LatentStats:
         d, dev = self.d_sae, v.device
         s = torch.zeros(d, dtype=torch.float64, device=dev).index_add_(0, c, v)
         sq = torch.zeros(d, dtype=torch.float64, device=dev).index_add_(0, c, v * v)
-        fire = torch.bincount(c, minlength=d)
+        fire = torch.bincount(c[v > 0], minlength=d)  # fired: > 0 (signed encoders too)
         mx = torch.zeros(d, dtype=torch.float64, device=dev).scatter_reduce_(
             0, c, v, "amax", include_self=True
         )
-        at_max = v == mx[c]
+        at_max = (v == mx[c]) & (v > 0)  # only a positive max has a location
         big = torch.iinfo(torch.int64).max
         mk = torch.full((d,), big, dtype=torch.int64, device=dev).scatter_reduce_(
             0, c[at_max], key[r][at_max], "amin", include_self=True
