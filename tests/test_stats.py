@@ -312,7 +312,7 @@ def test_tail_quantiles_equal_torch_quantile(n, k, alpha, ties):
     x = torch.randn(n, k, generator=torch.Generator().manual_seed(n * 31 + k), dtype=torch.float64)
     if ties:
         x = x.round()
-    lo, hi = _tail_quantiles(x, alpha)
+    lo, hi = _tail_quantiles(x.T.contiguous(), alpha)  # one row of draws per column
     ref = torch.quantile(x, torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0)
     torch.testing.assert_close(lo, ref[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(hi, ref[1], rtol=0, atol=1e-12)
@@ -350,3 +350,48 @@ def test_monte_carlo_columns_stop_only_when_their_p_is_large(monkeypatch):
     assert float(seq.p_value[:6][stopped].min()) > 0.01  # ...and only with a large p
     # their estimate stays close to the full run's (100 hits: ~10% relative error)
     torch.testing.assert_close(seq.p_value[:6], full.p_value[:6], rtol=0.35, atol=0.0)
+
+
+def test_tail_quantiles_on_threads_and_off_cpu_paths_equal_torch_quantile():
+    """Many rows are sorted by numpy on several threads; a non-contiguous input takes torch.sort.
+    Both must equal torch.quantile (ties included)."""
+    from modeldiff.uncertainty import _tail_quantiles
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1000, 700, generator=g, dtype=torch.float64)  # draws x columns
+    x[:, ::3] = x[:, ::3].round()
+    ref = torch.quantile(x, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    for rows in (x.T.contiguous(), x.T):  # threaded numpy path, then the torch.sort fallback
+        lo, hi = _tail_quantiles(rows.clone() if rows.is_contiguous() else rows, 0.025)
+        torch.testing.assert_close(lo, ref[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(hi, ref[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_sparse_coo_input_gives_the_dense_statistics(shuffled):
+    """A TopK SAE's latents come as a sparse COO tensor (explicit zeros possible, rows possibly out
+    of location order); every statistic must equal the one from the same activations given dense."""
+    g = torch.Generator().manual_seed(7)
+    n, d = 90, 24
+    dense, _, _ = _random_batch(n, d, 9, density=0.1, seed=7)
+    dense[10, 3] = dense[50, 3] = 9.0  # a tie for one maximum: the earlier location must win
+    prompt, pos = torch.arange(n) // 10, torch.arange(n) % 10
+    rows, cols = dense.nonzero(as_tuple=True)
+    zeros = (torch.arange(0, n, 7), torch.zeros(len(range(0, n, 7)), dtype=torch.long))
+    zeros = (zeros[0][dense[zeros] == 0], zeros[1][dense[zeros] == 0])  # explicit zero entries
+    idx = torch.stack([torch.cat([rows, zeros[0]]), torch.cat([cols, zeros[1]])])
+    val = torch.cat([dense[rows, cols], torch.zeros(len(zeros[0]))])
+    if shuffled:  # rows not in location order: the sparse path renumbers instead of moving rows
+        perm = torch.randperm(n, generator=g)
+        dense, prompt, pos = dense[perm], prompt[perm], pos[perm]
+        new_row = torch.empty_like(perm)
+        new_row[perm] = torch.arange(n)
+        idx = torch.stack([new_row[idx[0]], idx[1]])
+    coo = torch.sparse_coo_tensor(idx, val, (n, d), check_invariants=True)
+    a, b = LatentStats(d), LatentStats(d)
+    a.update(dense, prompt_index=prompt, position=pos)
+    b.update(coo, prompt_index=prompt, position=pos)
+    _assert_matches(b, _naive(dense, prompt, pos, 9), 9)
+    assert b.max_location(3) == (1, 0)
+    for key, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], v, rtol=1e-12, atol=0, msg=key)

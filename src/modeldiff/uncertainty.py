@@ -12,7 +12,9 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -131,23 +133,25 @@ def paired_uncertainty(
     block = max(1, min(1024, 2**20 // n_p))  # draw matrices stay at most ~8 MB however many prompts
     cols = max(1, min(chunk, 2**21 // max(n_bootstrap, block)))
 
-    def boot_weights(b: int) -> Tensor:
+    def boot_weights(b: int) -> tuple[int, Tensor, Tensor]:
         rows = min(block, n_bootstrap - b * block)
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         draws = torch.randint(0, n_p, (rows, n_p), generator=g)
-        return torch.zeros(rows, n_p, dtype=torch.float64).scatter_add_(
+        w = torch.zeros(rows, n_p, dtype=torch.float64).scatter_add_(
             1, draws, torch.ones(rows, n_p, dtype=torch.float64)
         )
+        return b * block, w.T.contiguous(), w @ n  # [n_p, rows] and each draw's token total
 
     n_boot_blocks = -(-n_bootstrap // block)
+    # the weights are drawn once when they fit in ~32 MB (the common case), else per column chunk
+    held = [boot_weights(b) for b in range(n_boot_blocks)] if n_bootstrap * n_p <= 2**22 else None
     alpha = (1 - confidence) / 2
     lo, hi = torch.empty(k, dtype=torch.float64), torch.empty(k, dtype=torch.float64)
     for j in range(0, k, cols):
-        dj = d[:, j : j + cols]
-        reps = torch.empty(n_bootstrap, dj.shape[1], dtype=torch.float64)
-        for b in range(n_boot_blocks):
-            w = boot_weights(b)
-            reps[b * block : b * block + len(w)] = (w @ dj) / (w @ n).unsqueeze(1)
+        dj = d[:, j : j + cols].T  # one row per column, so the draws of a column are contiguous
+        reps = torch.empty(dj.shape[0], n_bootstrap, dtype=torch.float64)
+        for start, wt, den in held or map(boot_weights, range(n_boot_blocks)):
+            reps[:, start : start + len(den)] = (dj @ wt) / den
         lo[j : j + cols], hi[j : j + cols] = _tail_quantiles(reps, alpha)
 
     if test == "permutation":
@@ -169,25 +173,42 @@ def paired_uncertainty(
         live = torch.ones(k, dtype=torch.bool)
         # |signs @ d| / total >= |obs| (1 - 1e-9), with the division moved to the threshold side
         thresh = obs.abs() * (1 - 1e-9) * total
+        # columns in groups whose [draws, group] block stays in cache (~2 MB)
+        group = max(1, min(chunk, 2**18 // block))
         for b in range(-(-n_draws // block)):
             # Monte Carlo: a column stops once it has _STOP_HITS hits (sequential Monte Carlo,
             # Besag & Clifford 1991): its p-value is then at least ~_STOP_HITS / n_permutations, far
             # from significance, and more draws would only refine a large p. Columns that keep
             # few hits, the ones that matter, see every draw. Each column's result depends on its
-            # own hits only, so it does not depend on how columns are chunked.
-            cols_live = torch.arange(k) if exact else live.nonzero().flatten()
-            if len(cols_live) == 0:
-                break
+            # own hits only, so it does not depend on how columns are chunked. The first block is
+            # read in slices with a stop check after each, so the many null columns stop after a
+            # few hundred draws rather than a whole block.
             signs = sign_block(b)
-            ones = torch.ones(1, signs.shape[0], dtype=torch.float32)
-            for j in range(0, len(cols_live), cols):
-                idx = cols_live[j : j + cols]
-                extreme = (signs @ d[:, idx]).abs_() >= thresh[idx]
-                # a matrix-vector product counts the hits per column (exact: < 2^24 rows)
-                hits[idx] += (ones @ extreme.to(torch.float32)).reshape(-1).double()
-                draws[idx] += signs.shape[0]
-            if not exact:
-                live &= hits < _STOP_HITS
+            step = _FIRST_SLICE if b == 0 and not exact else len(signs)
+            for s0 in range(0, len(signs), step):
+                cols_live = torch.arange(k) if exact else live.nonzero().flatten()
+                if len(cols_live) == 0:
+                    break
+                rows = signs[s0 : s0 + step]
+                ones = torch.ones(1, rows.shape[0], dtype=torch.float64)
+                d_live, t_live = d[:, cols_live], thresh[cols_live]
+                found = torch.empty(len(cols_live), dtype=torch.float64)
+                flag = torch.empty(rows.shape[0], min(group, len(cols_live)), dtype=torch.float64)
+                for j in range(0, len(cols_live), group):
+                    sl = slice(j, j + group)
+                    # hit where |signs @ d| >= thresh, written as 1.0 / 0.0 straight into a float
+                    # buffer (on CPU a comparison into a bool tensor, then a cast, costs three
+                    # times as much); a matrix-vector product counts the hits per column
+                    y = (rows @ d_live[:, sl]).abs_()
+                    f = flag[:, : y.shape[1]]
+                    torch.ge(y, t_live[sl], out=f)
+                    found[sl] = (ones @ f).reshape(-1)
+                hits[cols_live] += found
+                draws[cols_live] += rows.shape[0]
+                if not exact:
+                    live &= hits < _STOP_HITS
+            if not bool(live.any()):
+                break
         p = hits / n_draws if exact else (hits + 1) / (draws + 1)
         floor = min(1.0, 2.0 / n_draws) if exact else 1.0 / (n_draws + 1)
         method = f"sign-flip permutation ({'exact' if exact else n_draws}, {n_p} prompts)"
@@ -210,34 +231,37 @@ def paired_uncertainty(
     return PairedResult(ci_low=lo, ci_high=hi, p_value=p, method=method, p_floor=floor)
 
 
-# A Monte Carlo sign-flip column stops drawing after this many hits (see paired_uncertainty).
+# A Monte Carlo sign-flip column stops drawing after this many hits (see paired_uncertainty); the
+# first block of draws is read in slices of _FIRST_SLICE rows, with a stop check after each.
 _STOP_HITS = 100
+_FIRST_SLICE = 128
 
 
-def _tail_quantiles(reps: Float[Tensor, "n k"], alpha: float) -> tuple[Tensor, Tensor]:
-    """``torch.quantile(reps, [alpha, 1 - alpha], dim=0)`` (linear interpolation), from the two
-    tails only: ``topk`` of the few smallest and largest draws per column instead of sorting every
-    column, about 7x faster for a 95% interval of 1,000 draws, and equal to the last bit."""
-    n = reps.shape[0]
-    cols = reps.T.contiguous()  # one row per column: topk along the fast axis
-    pos_lo, pos_hi = alpha * (n - 1), (1 - alpha) * (n - 1)
-    m_lo, m_hi = math.floor(pos_lo) + 2, n - math.floor(pos_hi)  # order statistics each tail needs
-    if m_lo + m_hi >= n:  # the tails cover everything (a narrow interval): sort once
-        ordered = cols.sort(dim=1).values
+def _tail_quantiles(rows: Float[Tensor, "k n"], alpha: float) -> tuple[Tensor, Tensor]:
+    """``torch.quantile(rows, [alpha, 1 - alpha], dim=1)`` (linear interpolation; one row of draws
+    per column), equal to the last bit. ``rows`` is sorted in place (it is scratch space).
 
-        def at(rank: int) -> Tensor:
-            return ordered[:, rank]
-
+    On CPU the rows are sorted by numpy (a vectorised quicksort) on as many threads as torch uses:
+    about 2x faster than reading the two tails with ``torch.topk`` and 3x faster than
+    ``torch.sort``, measured on 4,096 rows of 1,000 bootstrap draws."""
+    n = rows.shape[1]
+    if rows.device.type == "cpu" and rows.is_contiguous():
+        a = rows.numpy()
+        n_threads = max(1, min(torch.get_num_threads(), rows.shape[0] // 64))
+        bounds = [rows.shape[0] * t // n_threads for t in range(n_threads + 1)]
+        slices = [a[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+        if n_threads == 1:
+            a.sort(axis=1)
+        else:  # numpy releases the GIL while it sorts
+            with ThreadPoolExecutor(n_threads) as pool:
+                list(pool.map(lambda s: s.sort(axis=1), slices))
+        ordered = rows
     else:
-        small = cols.topk(min(m_lo, n), dim=1, largest=False, sorted=True).values
-        large = cols.topk(m_hi, dim=1, largest=True, sorted=True).values.flip(1)
-
-        def at(rank: int) -> Tensor:  # rank-th smallest, 0-based
-            return small[:, rank] if rank < m_lo else large[:, rank - (n - m_hi)]
+        ordered = rows.sort(dim=1).values
 
     def quantile(pos: float) -> Tensor:
         lo = math.floor(pos)
         hi = min(lo + 1, n - 1)
-        return at(lo) + (pos - lo) * (at(hi) - at(lo))
+        return ordered[:, lo] + (pos - lo) * (ordered[:, hi] - ordered[:, lo])
 
-    return quantile(pos_lo), quantile(pos_hi)
+    return quantile(alpha * (n - 1)), quantile((1 - alpha) * (n - 1))
