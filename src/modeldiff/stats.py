@@ -221,7 +221,8 @@ class LatentStats:
         # batch costs more than the rest of the update together. Which path is only a matter of
         # speed (both are exact, signed activations included): a sample of rows decides unless it
         # lands near the threshold, then an exact count does.
-        sample = acts[:: max(1, acts.shape[0] // 64)]
+        n_rows = max(1, min(64, (1 << 15) // max(acts.shape[1], 1)))  # ~32k entries decide
+        sample = acts[:: max(1, acts.shape[0] // n_rows)]
         share = float(torch.count_nonzero(sample)) / max(sample.numel(), 1)
         if share > 2 * _SPARSE_FRACTION:
             return True
@@ -255,46 +256,51 @@ class LatentStats:
         n_rows: int,
     ) -> tuple:
         # Column reductions over a [tokens, d_sae] batch are memory-bound, so the batch is read once,
-        # in row blocks small enough to stay in cache: each block is converted to float64 there
-        # (never the whole batch) and its per-prompt sums and sums of squares are matrix products.
-        # Comparisons that make bool tensors are several times slower on CPU than float arithmetic,
-        # so firing is counted from sign() and maxima are located with amax/argmax.
+        # in row blocks small enough to stay in cache: each block is copied into a float64 scratch
+        # block there (never the whole batch), and its per-prompt sums, sums of squares and firing
+        # counts are matrix products. Comparisons write 1.0 / 0.0 straight into a float32 scratch
+        # block: on CPU a comparison into a bool tensor, then a cast, costs several times as much.
         n, d, dev = acts.shape[0], self.d_sae, acts.device
         a32 = acts if acts.dtype == torch.float32 else acts.float()
         per_prompt = torch.zeros(n_rows, d, dtype=torch.float64, device=dev)
         sq = torch.zeros(1, d, dtype=torch.float64, device=dev)
         fire_acc = torch.zeros(1, d, dtype=torch.float64, device=dev)
         block = max(1, min(128, (1 << 21) // (4 * d)))
-        starts = range(0, n, block)
-        block_max = torch.empty(len(starts), d, dtype=torch.float32, device=dev)
+        # scratch blocks, allocated once per call: fresh multi-MB blocks per row block would cost
+        # page faults that take longer than the arithmetic
+        a64 = torch.empty(block, d, dtype=torch.float64, device=dev)
+        flag = torch.empty(block, d, dtype=torch.float32, device=dev)
         ones = torch.ones(1, block, dtype=torch.float32, device=dev)
         ones64 = torch.ones(1, block, dtype=torch.float64, device=dev)
+        # each column's max, then the first row holding it: per block, the rows equal to the max
+        # weighted by a descending ramp, so the largest weight marks the block's first such row
+        mx = a32.amax(0)
+        target = torch.where(mx > 0, mx, torch.inf)
+        ramp = torch.arange(block, 0, -1, dtype=torch.float32, device=dev).unsqueeze(1)
+        row = torch.full((d,), -1, dtype=torch.long, device=dev)
         inv_cpu = inv.cpu()
-        for b, i in enumerate(starts):
+        for i in range(0, n, block):
             part = a32[i : i + block]
             m = part.shape[0]
             lo, hi = int(inv_cpu[i]), int(inv_cpu[i + m - 1]) + 1
-            a64 = part.to(torch.float64)  # in cache: a block, never the whole batch
+            b64, f = a64[:m], flag[:m]
+            b64.copy_(part)  # float64, in cache: a block, never the whole batch
             if hi - lo == 1:
-                per_prompt[lo] += (ones64[:, :m] @ a64).reshape(-1)
+                per_prompt[lo] += (ones64[:, :m] @ b64).reshape(-1)
             else:
                 span = torch.arange(lo, hi, device=dev).unsqueeze(1)
                 onehot = (inv[i : i + m].unsqueeze(0) == span).to(torch.float64)
-                per_prompt[lo:hi] += onehot @ a64
-            sq += ones64[:, :m] @ a64.square_()
-            fire_acc += ones[:, :m] @ torch.sign(part).clamp_(min=0)  # 1 where > 0
-            torch.amax(part, 0, out=block_max[b])
+                per_prompt[lo:hi] += onehot @ b64
+            sq += ones64[:, :m] @ b64.square_()
+            torch.gt(part, 0, out=f)  # 1.0 where fired
+            fire_acc += ones[:, :m] @ f
+            torch.eq(part, target, out=f)
+            first = f.mul_(ramp[:m]).amax(0)  # block - (first row at the max), 0 if none here
+            new = (first > 0) & (row < 0)
+            row = torch.where(new, i + block - first.long(), row)
         s = per_prompt.sum(0)
         fire = fire_acc.reshape(-1).round().long()
-        # each column's max, and its first row: the first block holding it, then argmax (which
-        # returns the first maximal index) over that block's columns only
-        mx = block_max.amax(0)
-        first_block = (block_max == mx).to(torch.uint8).argmax(0)
-        row = torch.zeros(d, dtype=torch.long, device=dev)
-        for b in first_block[mx > 0].unique().tolist():
-            cols = ((first_block == b) & (mx > 0)).nonzero().flatten()
-            i = starts[b]
-            row[cols] = a32[i : i + block].index_select(1, cols).argmax(0) + i
+        row = row.clamp_min(0)
         mx = mx.to(torch.float64).clamp_min(0.0)
         mk = torch.where(mx > 0, key[row], _NO_LOC)
         if self.track_prompts:
