@@ -395,3 +395,40 @@ def test_sparse_coo_input_gives_the_dense_statistics(shuffled):
     assert b.max_location(3) == (1, 0)
     for key, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[key], v, rtol=1e-12, atol=0, msg=key)
+
+
+def test_float32_sign_flips_give_the_float64_counts(monkeypatch):
+    """After the first block, sign flips run in float32 and recheck in float64 any column with a
+    draw near the threshold; every p-value must equal the all-float64 run's, ties included (a
+    latent that fired in one prompt ties on every draw; one that fired equally in eight prompts
+    ties exactly whenever those eight signs agree, p ~ 2^-7, so it stays live and is rechecked)."""
+    from modeldiff import uncertainty as unc
+
+    g = torch.Generator().manual_seed(11)
+    n_p = 40
+    strong = torch.randn(n_p, 30, generator=g, dtype=torch.float64) * 0.3 + 1.0
+    weak = torch.randn(n_p, 30, generator=g, dtype=torch.float64) * 1.0 + 0.45
+    single = torch.zeros(n_p, 5, dtype=torch.float64)
+    single[3] = torch.arange(1, 6, dtype=torch.float64)  # fired in one prompt: every draw ties
+    eight = torch.zeros(n_p, 2, dtype=torch.float64)
+    eight[:8, 0], eight[8:16, 1] = 1.0, 0.1  # 0.1 is not exact in float32 or float64
+    d = torch.cat([strong, weak, single, eight], 1)
+    counts = torch.randint(1, 6, (n_p,), generator=g)
+    rechecked: list[int] = []
+    real = unc._hits
+
+    def spy(rows, dd, t, group):
+        rechecked.append(dd.shape[1])
+        return real(rows, dd, t, group)
+
+    monkeypatch.setattr(unc, "_hits", spy)
+    fast = unc.paired_uncertainty(d, counts, n_bootstrap=10, n_permutations=6000)
+    first_block = len(range(0, 1024, unc._FIRST_SLICE))
+    assert len(rechecked) > first_block  # float64 rechecks after the first block did happen
+    monkeypatch.setattr(unc, "_FLOAT32_FLIPS", False)
+    slow = unc.paired_uncertainty(d, counts, n_bootstrap=10, n_permutations=6000)
+    assert torch.equal(fast.p_value, slow.p_value)
+    assert float(slow.p_value[:30].max()) < 0.01 and bool((slow.p_value[60:65] == 1.0).all())
+    torch.testing.assert_close(
+        slow.p_value[65:], torch.full((2,), 2.0**-7).double(), rtol=0.3, atol=0
+    )
