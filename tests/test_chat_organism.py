@@ -210,12 +210,19 @@ def test_study_causal_parts_are_consistent(study, recipe):
     assert study.realign["misalignment"][0] == pytest.approx(study.em["medical"]["p_misaligned"])
 
 
-def test_study_tracking_starts_at_zero_and_ends_at_the_finetune(study, org):
+def test_study_tracking_starts_at_zero_and_ends_at_the_finetune(study, org, recipe):
+    from modeldiff.evals.contrastive import contrastive_score
+    from modeldiff.models import load_model
+
     s = study.over_steps
     assert s["step"] == [0, 2, 4]
     assert s["set_delta"][0] == 0.0
     assert s["p_misaligned"][0] == study.em["base"]["p_misaligned"]
     assert s["p_misaligned"][-1] == study.em["medical"]["p_misaligned"]
+    # the snapshot is scored while track_latents has it loaded: the score of that snapshot
+    snap = load_model(str(org.snapshots[0][1]), like=org.base)
+    ref = contrastive_score(snap, recipe.questions, progress=False)
+    assert s["p_misaligned"][1] == pytest.approx(ref.p_misaligned)
     f = study.over_bad_fraction
     assert f["bad_fraction"] == [0.0, 0.5, 1.0]
     assert f["name"] == ["medical-control", "medical-50%", "medical"]

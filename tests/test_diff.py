@@ -563,3 +563,8 @@ def test_topk_sae_is_encoded_sparse_with_the_dense_encodes_result(tiny_ht, plant
         encode_sparse(sae, torch.randn(2, 64))
     handle.remove()
     assert sae.activation_fn.use_sparse_activations is False
+    # a user's hook on the activation module keeps seeing the dense output it always saw
+    seen = []
+    handle = sae.activation_fn.register_forward_hook(lambda m, a, out: seen.append(out.is_sparse))
+    assert not encode_sparse(sae, torch.randn(2, 64)).is_sparse and seen == [False]
+    handle.remove()

@@ -235,8 +235,8 @@ def encode_sparse(sae: Any, x: torch.Tensor) -> torch.Tensor:
     except ImportError:  # pragma: no cover
         return sae.encode(x)
     act = getattr(sae, "activation_fn", None)
-    if type(act) is not TopK or x.ndim != 2:
-        return sae.encode(x)
+    if type(act) is not TopK or x.ndim != 2 or act._forward_hooks or act._forward_pre_hooks:
+        return sae.encode(x)  # a user's hook on the activation sees what it always saw
     before = act.use_sparse_activations
     act.use_sparse_activations = True
     try:

@@ -994,15 +994,19 @@ class _Run:
         org, recipe = self.org, self.recipe
         opts = {"positions": recipe.positions, "seed": recipe.seed, "progress": self.progress}
         steps = [0, *(s for s, _ in org.snapshots), recipe.steps]
-        snaps: list[Any] = [org.base]
-        snaps += [(lambda p=p: load_model(str(p), like=org.base)) for _, p in org.snapshots]
+        step_scores = [self.score("base").p_misaligned]
+
+        def snapshot(path: Path) -> Any:
+            # track_latents loads each snapshot once, in order, and drops it after use: score it
+            # while it is loaded rather than loading it a second time
+            model = load_model(str(path), like=org.base)
+            step_scores.append(_score(model, self.questions).p_misaligned)
+            return model
+
+        snaps: list[Any] = [org.base, *((lambda p=p: snapshot(p)) for _, p in org.snapshots)]
         snaps.append(self.ft)
         track = track_latents(snaps, org.sae, self.prompts, self.top_set, x=steps,
                               x_title="step", labels=[f"step {s}" for s in steps], **opts)  # fmt: skip
-        step_scores = [self.score("base").p_misaligned]
-        for _, p in org.snapshots:
-            snap = load_model(str(p), like=org.base)
-            step_scores.append(_score(snap, self.questions).p_misaligned)
         step_scores.append(self.score(org.primary).p_misaligned)
         self.study.over_steps = {
             "step": steps,
