@@ -257,3 +257,23 @@ def test_mixed_train_and_eval_modes_are_given_back_as_they_were(tiny_ht):
         assert {name: m.training for name, m in model.named_modules()} == before
     finally:
         model.eval()
+
+
+def test_a_bridge_in_training_mode_is_evaluated_whole_and_given_back(tmp_path):
+    """A TransformerBridge keeps the model it wraps outside its registered modules; eval_mode must
+    still switch that model's modules off (the Bridge's own eval() does) and give them back."""
+    from modeldiff._hooks import eval_mode, restore_training
+    from modeldiff.models import load_model
+    from modeldiff.testing import save_tiny_hf_model
+
+    save_tiny_hf_model("llama", tmp_path)
+    bridge = load_model(tmp_path)
+    inner = bridge.__dict__["original_model"]
+    bridge.train()
+    assert inner.training and all(m.training for m in inner.modules())
+    state = eval_mode(bridge)
+    assert not any(m.training for m in bridge.modules())
+    assert not any(m.training for m in inner.modules())
+    restore_training(state)
+    assert all(m.training for m in bridge.modules()) and all(m.training for m in inner.modules())
+    bridge.eval()
