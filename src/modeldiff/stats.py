@@ -204,14 +204,13 @@ class LatentStats:
                 new_row[order] = torch.arange(n, device=order.device)
                 coo = (new_row[coo[0]], coo[1], coo[2])
         uniq, inv = torch.unique_consecutive(prompt_index, return_inverse=True)
-        if coo is not None:
-            r, c, v = coo
-            parts = self._sparse_parts(r, c, v.to(torch.float64), key, inv, len(uniq))
-        elif self._is_dense(acts):
+        if coo is None and self._is_dense(acts):
             parts = self._dense_parts(acts, key, inv, len(uniq))
         else:
-            r, c = acts.nonzero(as_tuple=True)  # row-major: sorted by token row
-            v = acts[r, c]
+            if coo is None:
+                r, c = acts.nonzero(as_tuple=True)  # row-major: sorted by token row
+                coo = (r, c, acts[r, c])
+            r, c, v = coo
             parts = self._sparse_parts(r, c, v.to(torch.float64), key, inv, len(uniq))
         self._fold(n, parts, uniq, inv)
 
