@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ._native import dense_stats_library
 from .errors import ArgumentError
 
 __all__ = [
@@ -261,6 +262,11 @@ class LatentStats:
         # block: on CPU a comparison into a bool tensor, then a cast, costs several times as much.
         n, d, dev = acts.shape[0], self.d_sae, acts.device
         a32 = acts if acts.dtype == torch.float32 else acts.float()
+        if dev.type == "cpu":
+            fn = dense_stats_library()
+            done = None if fn is None else self._native_parts(fn, a32, key, inv, n_rows)
+            if done is not None:
+                return done
         per_prompt = torch.zeros(n_rows, d, dtype=torch.float64, device=dev)
         sq = torch.zeros(1, d, dtype=torch.float64, device=dev)
         fire_acc = torch.zeros(1, d, dtype=torch.float64, device=dev)
@@ -286,10 +292,8 @@ class LatentStats:
             b64.copy_(part)  # float64, in cache: a block, never the whole batch
             if hi - lo == 1:
                 per_prompt[lo] += (ones64[:, :m] @ b64).reshape(-1)
-            else:
-                span = torch.arange(lo, hi, device=dev).unsqueeze(1)
-                onehot = (inv[i : i + m].unsqueeze(0) == span).to(torch.float64)
-                per_prompt[lo:hi] += onehot @ b64
+            else:  # row by row (a one-hot product would turn one prompt's inf into NaN elsewhere)
+                per_prompt.index_add_(0, inv[i : i + m], b64)
             sq += ones64[:, :m] @ b64.square_()
             torch.gt(part, 0, out=f)  # 1.0 where fired
             fire_acc += ones[:, :m] @ f
@@ -302,12 +306,38 @@ class LatentStats:
         row = row.clamp_min(0)
         mx = mx.to(torch.float64).clamp_min(0.0)
         mk = torch.where(mx > 0, key[row], _NO_LOC)
-        if self.track_prompts:
-            r, lat = per_prompt.nonzero(as_tuple=True)
-            pp = (r.cpu(), lat.cpu(), per_prompt[r, lat].cpu())
-        else:
-            pp = None
-        return s, sq.reshape(-1), fire, mx, mk, pp
+        return s, sq.reshape(-1), fire, mx, mk, self._prompt_entries(per_prompt)
+
+    def _native_parts(
+        self, fn: Any, a32: Tensor, key: Tensor, inv: Tensor, n_rows: int
+    ) -> tuple | None:
+        # The same statistics as the PyTorch path below, in one pass of the compiled kernel
+        # (modeldiff/_csrc/dense_stats.c); rows arrive grouped by prompt (inv is non-decreasing).
+        x = a32.contiguous()
+        d = x.shape[1]
+        seg = torch.zeros(n_rows + 1, dtype=torch.int64)
+        seg[1:] = torch.bincount(inv, minlength=n_rows).cumsum(0)
+        per_prompt = torch.zeros(n_rows, d, dtype=torch.float64)
+        sq = torch.zeros(d, dtype=torch.float64)
+        fire = torch.zeros(d, dtype=torch.int64)
+        mx = torch.zeros(d, dtype=torch.float32)
+        row = torch.full((d,), -1, dtype=torch.int64)
+        fn(
+            x.data_ptr(), d, 0, d, seg.data_ptr(), n_rows, per_prompt.data_ptr(),
+            sq.data_ptr(), fire.data_ptr(), mx.data_ptr(), row.data_ptr(),
+        )  # fmt: skip
+        s = per_prompt.sum(0)
+        if bool(torch.isnan(s).any()):
+            return None  # a NaN can hide a column's maximum from the kernel: the PyTorch path
+        mx64 = mx.double()
+        mk = torch.where(mx64 > 0, key[row.clamp_min(0)], _NO_LOC)
+        return s, sq, fire, mx64, mk, self._prompt_entries(per_prompt)
+
+    def _prompt_entries(self, per_prompt: Tensor) -> tuple | None:
+        if not self.track_prompts:
+            return None
+        r, lat = per_prompt.nonzero(as_tuple=True)
+        return (r.cpu(), lat.cpu(), per_prompt[r, lat].cpu())
 
     def _sparse_parts(
         self, r: Tensor, c: Tensor, v: Tensor, key: Tensor, inv: Tensor, n_rows: int
