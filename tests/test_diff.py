@@ -568,3 +568,55 @@ def test_topk_sae_is_encoded_sparse_with_the_dense_encodes_result(tiny_ht, plant
     handle = sae.activation_fn.register_forward_hook(lambda m, a, out: seen.append(out.is_sparse))
     assert not encode_sparse(sae, torch.randn(2, 64)).is_sparse and seen == [False]
     handle.remove()
+
+
+def test_relu_sae_encode_in_place_equals_sae_lens_and_respects_hooks():
+    """A plain ReLU StandardSAE is encoded with the bias and ReLU done in place on the product:
+    the same bits as sae-lens' encode, and sae-lens' own encode whenever a hook would see the
+    intermediate tensors, gradients are on, or the class is not exactly StandardSAE."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    import modeldiff.saes as saes_mod
+    from modeldiff.saes import encode_sparse
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=40, apply_b_dec_to_input=True))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(33, 16)
+    calls = []
+    real = saes_mod._encode_relu_in_place
+
+    def spy(s, xs):
+        calls.append(1)
+        return real(s, xs)
+
+    with torch.inference_mode():
+        want = sae.encode(x)
+        saes_mod._encode_relu_in_place = spy
+        try:
+            got = encode_sparse(sae, x)
+        finally:
+            saes_mod._encode_relu_in_place = real
+        assert calls == [1] and torch.equal(got, want) and bool((want == 0).any())
+        # a hook on the pre-activation sees sae-lens' own tensors: the in-place path stands aside
+        seen = []
+        h = sae.hook_sae_acts_pre.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+        try:
+            assert torch.equal(encode_sparse(sae, x), want) and len(seen) == 1
+            assert bool((seen[0] < 0).any())  # the pre-activation, not overwritten by the ReLU
+        finally:
+            h.remove()
+
+    class Mine(StandardSAE):
+        def encode(self, x):
+            return super().encode(x) * 2
+
+    mine = Mine(sae.cfg)
+    mine.load_state_dict(sae.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(encode_sparse(mine, x), 2 * want)
+    with torch.enable_grad():  # gradients on: sae-lens' encode, so autograd sees its graph
+        z = encode_sparse(sae, x)
+        assert z.requires_grad and torch.equal(z.detach(), want)

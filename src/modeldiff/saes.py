@@ -212,8 +212,9 @@ def is_batch_coupled(sae: Any) -> bool:
 
 
 def encode_sparse(sae: Any, x: torch.Tensor) -> torch.Tensor:
-    """The SAE's latent activations of ``x``: a sparse COO tensor for an sae-lens TopK SAE, the
-    ordinary dense encode for every other SAE.
+    """The SAE's latent activations of ``x``, as cheaply as they can be had exactly: a sparse COO
+    tensor for an sae-lens TopK SAE, the dense encode for every other SAE (done in place for a
+    plain ReLU ``StandardSAE``: the same values without two of its intermediate tensors).
 
     A TopK encoder keeps ``k`` latents per token, so its dense output is almost all zeros, and
     finding the non-zeros again costs more than the statistics built on them. sae-lens' TopK
@@ -229,13 +230,20 @@ def encode_sparse(sae: Any, x: torch.Tensor) -> torch.Tensor:
         >>> z = encode_sparse(sae, x)
         >>> z.is_sparse, torch.equal(z.to_dense(), sae.encode(x))
         (True, True)
+        >>> from sae_lens import StandardSAE, StandardSAEConfig
+        >>> relu = StandardSAE(StandardSAEConfig(d_in=8, d_sae=16))
+        >>> with torch.inference_mode():
+        ...     torch.equal(encode_sparse(relu, x), relu.encode(x))
+        True
     """
     try:
         from sae_lens.saes.topk_sae import TopK
     except ImportError:  # pragma: no cover
         return sae.encode(x)
     act = getattr(sae, "activation_fn", None)
-    if type(act) is not TopK or x.ndim != 2 or act._forward_hooks or act._forward_pre_hooks:
+    if type(act) is torch.nn.ReLU and x.ndim == 2:
+        return _encode_relu_in_place(sae, x)
+    if type(act) is not TopK or x.ndim != 2 or _hooked(act):
         return sae.encode(x)  # a user's hook on the activation sees what it always saw
     before = act.use_sparse_activations
     act.use_sparse_activations = True
@@ -246,6 +254,31 @@ def encode_sparse(sae: Any, x: torch.Tensor) -> torch.Tensor:
             return sae.encode(x)
     finally:
         act.use_sparse_activations = before
+
+
+def _hooked(*modules: Any) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
+        torch.nn.modules.module._global_forward_hooks
+        or torch.nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def _encode_relu_in_place(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    # sae-lens' StandardSAE.encode is relu(process_sae_in(x) @ W_enc + b_enc) between two hook points,
+    # each step a fresh [tokens, d_sae] tensor; doing the bias and the ReLU in place on the product
+    # gives the same bits (the same three operations) without two of those tensors. Only for that
+    # exact class, without gradients, and when no hook would see the intermediate tensors.
+    from sae_lens import StandardSAE
+
+    if (
+        type(sae) is not StandardSAE
+        or torch.is_grad_enabled()
+        or _hooked(sae.hook_sae_acts_pre, sae.hook_sae_acts_post, sae.activation_fn)
+    ):
+        return sae.encode(x)
+    out = torch.mm(sae.process_sae_in(x), sae.W_enc)
+    out += sae.b_enc
+    return out.relu_()
 
 
 def to_inference_sae(sae: Any) -> Any:
