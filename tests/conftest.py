@@ -54,3 +54,18 @@ def smollm2(smollm2_path):
     from modeldiff.models import load_model
 
     return load_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    """SmolLM2-135M-Instruct as transformers de-quantizes it (float32, eager attention): the
+    independent reference. Each GGUF load takes ~20-40 s, so the session shares one; treat it as
+    read-only (copy.deepcopy it to change it, about a second)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent,
+        gguf_file=smollm2_path.name,
+        dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()

@@ -188,13 +188,9 @@ def test_chat_prompt_without_template_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_smollm2_resid_post_matches_hf_hidden_states(smollm2, smollm2_path):
+def test_smollm2_resid_post_matches_hf_hidden_states(smollm2, smollm2_hf):
     """Resid-post at layer L equals transformers' hidden_states[L + 1] on the real model."""
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
-    )
+    hf = smollm2_hf
     prompts = [
         [{"role": "user", "content": "What is the capital of France?"}],
         "The quick brown fox",

@@ -608,6 +608,12 @@ def test_relu_sae_encode_in_place_equals_sae_lens_and_respects_hooks():
     mine.load_state_dict(sae.state_dict())
     with torch.inference_mode():
         assert torch.equal(encode_sparse(mine, x), 2 * want)
+    with torch.inference_mode():  # an encode set on the instance is what runs
+        sae.encode = lambda xs: torch.zeros(xs.shape[0], 40)
+        try:
+            assert torch.equal(encode_sparse(sae, x), torch.zeros(33, 40))
+        finally:
+            del sae.encode
     with torch.enable_grad():  # gradients on: sae-lens' encode, so autograd sees its graph
         z = encode_sparse(sae, x)
         assert z.requires_grad and torch.equal(z.detach(), want)

