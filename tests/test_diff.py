@@ -599,6 +599,21 @@ def test_relu_sae_encode_in_place_equals_sae_lens_and_respects_hooks():
             assert bool((seen[0] < 0).any())  # the pre-activation, not overwritten by the ReLU
         finally:
             h.remove()
+        # so does a global module hook (torch.nn.modules.module.register_module_forward_hook)
+        names = []
+        g = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: names.append(type(m).__name__)
+        )
+        try:
+            assert torch.equal(encode_sparse(sae, x), want) and "HookPoint" in names
+        finally:
+            g.remove()
+        calls.clear()
+        saes_mod._encode_relu_in_place = spy
+        try:  # and without hooks the in-place path is back
+            assert torch.equal(encode_sparse(sae, x), want) and calls == [1]
+        finally:
+            saes_mod._encode_relu_in_place = real
 
     class Mine(StandardSAE):
         def encode(self, x):

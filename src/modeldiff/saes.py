@@ -257,9 +257,11 @@ def encode_sparse(sae: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _hooked(*modules: Any) -> bool:
+    """Whether a forward hook would see these modules run (their own, or torch's global ones)."""
+    glob = torch.nn.modules.module
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
-        torch.nn.modules.module._global_forward_hooks
-        or torch.nn.modules.module._global_forward_pre_hooks
+        getattr(glob, "_global_forward_hooks", None)
+        or getattr(glob, "_global_forward_pre_hooks", None)
     )
 
 
