@@ -117,7 +117,7 @@ def dense_stats_library() -> Any | None:
             errors.append(f"{' '.join(flags)}: {e} {detail.decode(errors='replace')[-300:]}")
             continue
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, i64, i64, i64, p, i64, p, p, p, p, p]
+        fn.argtypes = [p, i64, p, i64, p, p, p, p, p]
         fn.restype = None
         _why_not = ""
         return fn

@@ -323,7 +323,7 @@ class LatentStats:
         mx = torch.zeros(d, dtype=torch.float32)
         row = torch.full((d,), -1, dtype=torch.int64)
         fn(
-            x.data_ptr(), d, 0, d, seg.data_ptr(), n_rows, per_prompt.data_ptr(),
+            x.data_ptr(), d, seg.data_ptr(), n_rows, per_prompt.data_ptr(),
             sq.data_ptr(), fire.data_ptr(), mx.data_ptr(), row.data_ptr(),
         )  # fmt: skip
         s = per_prompt.sum(0)

@@ -1,6 +1,6 @@
 /* modeldiff: one pass over a dense [rows, d] float32 block of SAE latents.
  *
- * Per column j of the columns [c0, c1), over rows grouped into consecutive segments (one segment
+ * Per column j of the d columns, over rows grouped into consecutive segments (one segment
  * per prompt, rows in location order):
  *   seg_sum[s, j] += x[t, j]           (float64; sums per prompt, hence the column sum)
  *   sq[j]         += x[t, j]^2         (float64)
@@ -22,9 +22,9 @@
 #endif
 
 static inline __attribute__((always_inline)) void one_row(
-    const float *restrict row, int64_t t, int64_t c0, int64_t c1, double *restrict ps,
+    const float *restrict row, int64_t t, int64_t d, double *restrict ps,
     double *restrict sq, int64_t *restrict fire, float *restrict mx, int64_t *restrict mrow) {
-    for (int64_t j = c0; j < c1; j++) {
+    for (int64_t j = 0; j < d; j++) {
         float v = row[j];
         double dv = (double)v;
         ps[j] += dv;
@@ -37,10 +37,9 @@ static inline __attribute__((always_inline)) void one_row(
 }
 
 MD_TARGETS
-void md_dense_stats(const float *restrict x, int64_t d, int64_t c0, int64_t c1,
-                    const int64_t *restrict seg, int64_t n_seg, double *restrict seg_sum,
-                    double *restrict sq, int64_t *restrict fire, float *restrict mx,
-                    int64_t *restrict mrow) {
+void md_dense_stats(const float *restrict x, int64_t d, const int64_t *restrict seg, int64_t n_seg,
+                    double *restrict seg_sum, double *restrict sq, int64_t *restrict fire,
+                    float *restrict mx, int64_t *restrict mrow) {
     for (int64_t s = 0; s < n_seg; s++) {
         double *restrict ps = seg_sum + s * d;
         int64_t t = seg[s], end = seg[s + 1];
@@ -49,12 +48,12 @@ void md_dense_stats(const float *restrict x, int64_t d, int64_t c0, int64_t c1,
             const float *restrict r1 = r0 + d;
             const float *restrict r2 = r1 + d;
             const float *restrict r3 = r2 + d;
-            for (int64_t j = c0; j < c1; j++) {
+            for (int64_t j = 0; j < d; j++) {
                 double d0 = r0[j], d1 = r1[j], d2 = r2[j], d3 = r3[j];
                 ps[j] += (d0 + d1) + (d2 + d3);
                 sq[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
             }
-            for (int64_t j = c0; j < c1; j++) {
+            for (int64_t j = 0; j < d; j++) {
                 float v0 = r0[j], v1 = r1[j], v2 = r2[j], v3 = r3[j];
                 fire[j] += (int64_t)((v0 > 0.0f) + (v1 > 0.0f) + (v2 > 0.0f) + (v3 > 0.0f));
                 /* the four rows' max and the first of them holding it, then the running max:
@@ -68,6 +67,6 @@ void md_dense_stats(const float *restrict x, int64_t d, int64_t c0, int64_t c1,
                 mrow[j] = ((t + i) & gt) | (mrow[j] & ~gt);
             }
         }
-        for (; t < end; t++) one_row(x + t * d, t, c0, c1, ps, sq, fire, mx, mrow);
+        for (; t < end; t++) one_row(x + t * d, t, d, ps, sq, fire, mx, mrow);
     }
 }
