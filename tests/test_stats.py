@@ -432,3 +432,62 @@ def test_float32_sign_flips_give_the_float64_counts(monkeypatch):
     torch.testing.assert_close(
         slow.p_value[65:], torch.full((2,), 2.0**-7).double(), rtol=0.3, atol=0
     )
+
+
+def _paired_data(n_p: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(n_p, k, generator=g, dtype=torch.float64)
+    d += torch.linspace(-0.25, 0.5, k, dtype=torch.float64)  # null to strongly shifted columns
+    d[:, 0] = 0.0  # never fired
+    d[:, 1] = 0.0
+    d[5, 1] = 2.0  # fired in one prompt: every draw ties
+    counts = torch.randint(1, 40, (n_p,), generator=g)
+    counts[3] = 0  # a prompt without tokens
+    return d, counts
+
+
+@pytest.mark.parametrize("n_p", [9, 40, 700])  # exact; Monte Carlo; pieces shorter than a block
+def test_paired_analysis_gives_each_column_the_same_result_in_any_chunk(n_p):
+    """One PairedAnalysis draws once and is applied chunk by chunk (as diff_latents does): every
+    column's p-value equals paired_uncertainty's on the whole matrix, bit for bit, and its CI to
+    the last bits (the bootstrap's matrix product may block differently)."""
+    from modeldiff.uncertainty import PairedAnalysis
+
+    d, counts = _paired_data(n_p, 23)
+    whole = paired_uncertainty(d, counts, n_bootstrap=300, n_permutations=3000)
+    run = PairedAnalysis(counts, n_bootstrap=300, n_permutations=3000)
+    parts = [run(d[:, j : j + 5]) for j in range(0, 23, 5)]
+    assert torch.equal(torch.cat([r.p_value for r in parts]), whole.p_value)
+    for name in ("ci_low", "ci_high"):
+        got = torch.cat([getattr(r, name) for r in parts])
+        torch.testing.assert_close(got, getattr(whole, name), rtol=1e-12, atol=1e-15)
+    assert {r.method for r in parts} == {whole.method} and parts[0].p_floor == whole.p_floor
+    assert float(whole.p_value[-1]) < 0.01 and float(whole.p_value[1]) == 1.0  # the data spans
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        run(d[:-1])
+
+
+def test_paired_draws_do_not_depend_on_the_working_pieces_or_on_holding_them(monkeypatch):
+    """The draws come in seeded blocks, used in pieces of a fixed working size and held as packed
+    bits when small: pieces that do not divide the stop-check slice, no holding at all, and one
+    piece per block must all give the same p-values (the same draws, the same stop points) and
+    the same intervals."""
+    from modeldiff import uncertainty as unc
+
+    d, counts = _paired_data(300, 12, seed=4)
+    kw = {"n_bootstrap": 400, "n_permutations": 5000}
+    ref = unc.paired_uncertainty(d, counts, **kw)  # 300 prompts: a block of 1024 rows, one piece
+    assert unc.PairedAnalysis(counts, **kw)._signs is not None  # held as bits by default
+    runs = []
+    for work, hold in ((37 * 299, 16 * 2**20), (299 * 299, 0), (37 * 299, 0)):
+        monkeypatch.setattr(unc, "_WORK_ELEMENTS", work)  # pieces of 37 or 299 rows
+        monkeypatch.setattr(unc, "_HOLD_BYTES", hold)  # 0: drawn again on every call
+        a = unc.PairedAnalysis(counts, **kw)
+        assert a.piece == work // 299 and (a._signs is None) == (hold == 0)
+        runs.append(a(d))
+    for r in runs:
+        assert torch.equal(r.p_value, ref.p_value)
+        torch.testing.assert_close(r.ci_low, ref.ci_low, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(r.ci_high, ref.ci_high, rtol=1e-12, atol=1e-15)
+    stopped = (ref.p_value > 0.02) & (ref.p_value < 1)
+    assert bool(stopped.any())  # some columns stopped early: the stop points were exercised

@@ -54,7 +54,7 @@ from .saes import SAEError, check_sae, encode_sparse, load_sae, sae_fingerprint,
 from .sites import Site, as_sites
 from .stats import SiteStats, VectorStats
 from .tokens import Positions, Prompt, select_positions, tokenize_prompts
-from .uncertainty import benjamini_hochberg, paired_uncertainty
+from .uncertainty import PairedAnalysis, benjamini_hochberg
 
 __all__ = [
     "RANKINGS",
@@ -625,19 +625,23 @@ class LatentDiff:
             tested = tested[finite[tested]]
             n_p = max(lb.n_prompts, lf.n_prompts)
             counts = lb.prompt_count
-            chunk = max(1, 2**20 // max(n_p, 1))  # dense [prompts, chunk] blocks of ~8 MB
+            # dense [prompts, chunk] blocks of ~8 MB; the paired analysis draws once for all chunks
+            # and works in ~2 MB pieces, so its working set stays within the streaming's
+            chunk = max(1, 2**20 // max(n_p, 1))
+            analysis = PairedAnalysis(
+                counts,
+                test=test,
+                n_bootstrap=n_bootstrap,
+                n_permutations=n_permutations,
+                confidence=confidence,
+                seed=seed,
+            )
             for j in range(0, len(tested), chunk):
                 idx = tested[j : j + chunk]
-                dsum = lf.prompt_sums(idx, n_prompts=n_p) - lb.prompt_sums(idx, n_prompts=n_p)
-                r = paired_uncertainty(
-                    dsum,
-                    counts,
-                    test=test,
-                    n_bootstrap=n_bootstrap,
-                    n_permutations=n_permutations,
-                    confidence=confidence,
-                    seed=seed,
-                )
+                dsum = lf.prompt_sums(idx, n_prompts=n_p)
+                dsum -= lb.prompt_sums(idx, n_prompts=n_p)
+                r = analysis(dsum)
+                del dsum
                 ci_lo[idx], ci_hi[idx], p[idx] = r.ci_low, r.ci_high, r.p_value
                 method, p_floor = r.method, r.p_floor
             if method is None:

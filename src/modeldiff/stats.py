@@ -424,7 +424,7 @@ class LatentStats:
         flat = out.view(-1)
         # Index temporaries are made per slice of entries, so reading a few latents out of millions of
         # (prompt, latent) entries costs O(slice) extra memory, not several copies of every entry.
-        step = 1 << 18
+        step = 1 << 16
         for keys, vals in self._chunks():  # a key may repeat across chunks: accumulate
             for i in range(0, len(keys), step):
                 key, val = keys[i : i + step], vals[i : i + step]
