@@ -182,10 +182,9 @@ class PairedAnalysis:
         # bootstrap: how often each prompt is drawn, per draw (small integers), and each draw's
         # token total; held when compact enough (~16 MB: ~8,000 prompts at 1,000 draws)
         self._boot: list[tuple[int, Tensor, Tensor]] | None = None
-        if n_bootstrap * n_p * 2 <= _HOLD_BYTES:
-            self._boot = [
-                (s, w.T.to(torch.int16).contiguous(), den) for s, w, den in self._boot_draws()
-            ]
+        small = torch.int16 if n_p < 2**15 else torch.int32  # a multiplicity is at most n_p
+        if n_bootstrap * n_p * small.itemsize <= _HOLD_BYTES:
+            self._boot = [(s, w.T.to(small).contiguous(), den) for s, w, den in self._boot_draws()]
         self.exact = 2**n_p <= n_permutations
         self.n_draws = 2**n_p if self.exact else n_permutations
         # The first Monte Carlo block is checked every _FIRST_SLICE rows (see __call__): it is cut
