@@ -255,25 +255,44 @@ def throughput(
     }
 
 
-def uncertainty_share(n_tokens: int, vocab: int, sae_kind: str) -> dict:
-    """CPU time of a default diff_latents run and of the same run with uncertainty=None, once
-    each (after a small warm-up), and the uncertainty's share of the default run."""
-    from modeldiff.diff import diff_latents
+def uncertainty_share(n_tokens: int, vocab: int, sae_kind: str, repeats: int = 2) -> dict:
+    """The paired uncertainty's cost in a default diff_latents run, two ways.
 
-    _, base, tuned, sae, _site = build(d_vocab=vocab, sae_kind=sae_kind)
+    1. Whole runs: a default run and one with ``uncertainty=None``, interleaved ``repeats`` times;
+       the median CPU time of each, and the share of the difference (which also holds the
+       per-prompt sums kept while streaming; on this shared machine single runs of ~50 s wander by
+       several seconds, hence the repeats).
+    2. The paired step alone, its fixed cost: ``LatentDiff.from_stats`` on the statistics of one
+       run, with the default uncertainty and with none (median of 3 each).
+    """
+    from modeldiff.diff import LatentDiff, collect_site_stats, diff_latents
+
+    _, base, tuned, sae, site = build(d_vocab=vocab, sae_kind=sae_kind)
     prompts = make_prompts(n_tokens)
     kw = {"positions": "all", "batch_size": BATCH, "progress": False}
     diff_latents(base, tuned, sae, prompts[:8], **kw)  # warm-up
-    cpu = {}
-    for name, extra in (("stream", {"uncertainty": None}), ("full", {})):
-        c0 = time.process_time()
-        diff_latents(base, tuned, sae, prompts, **kw, **extra)
-        cpu[name] = time.process_time() - c0
+    cpu: dict[str, list[float]] = {"stream": [], "full": []}
+    for _ in range(repeats):
+        for name, extra in (("stream", {"uncertainty": None}), ("full", {})):
+            c0 = time.process_time()
+            diff_latents(base, tuned, sae, prompts, **kw, **extra)
+            cpu[name].append(time.process_time() - c0)
+    stats = [collect_site_stats(m, sae, prompts, site=site, **kw) for m in (base, tuned)]
+    step: dict[str, list[float]] = {"none": [], "all": []}
+    for _ in range(3):
+        for name, unc in (("none", None), ("all", "all")):
+            c0 = time.process_time()
+            LatentDiff.from_stats(*stats, site=site, sae=sae, uncertainty=unc)
+            step[name].append(time.process_time() - c0)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    paired = statistics.median(step["all"]) - statistics.median(step["none"])
     return {
         "tokens": sum(len(p) for p in prompts),
         "prompts": len(prompts),
-        **cpu,
-        "share": (cpu["full"] - cpu["stream"]) / cpu["full"],
+        **med,
+        "share": (med["full"] - med["stream"]) / med["full"],
+        "paired_step": paired,
+        "paired_share": paired / med["full"],
     }
 
 
@@ -477,12 +496,14 @@ def main() -> None:
     kinds = ("topk", "relu") if args.sae == "both" else (args.sae,)
     if args.uncertainty_tokens:
         for kind in kinds:
-            r = uncertainty_share(args.uncertainty_tokens, args.vocab, kind)
+            r = uncertainty_share(args.uncertainty_tokens, args.vocab, kind, args.repeats)
             print(
                 f"\n[uncertainty's share, {kind} SAE, {r['tokens']} tokens x 2 models, "
                 f"{r['prompts']} prompts] defaults {r['full']:.1f} cpu-s, uncertainty=None "
-                f"{r['stream']:.1f} cpu-s: the uncertainty costs {r['share']:.1%} of the default "
-                f"run (target <= 10%)"
+                f"{r['stream']:.1f} cpu-s (medians of {args.repeats}, interleaved): the "
+                f"uncertainty costs {r['share']:.1%} of the default run; its paired step alone "
+                f"(LatentDiff.from_stats with and without it) {r['paired_step']:.1f} cpu-s, "
+                f"{r['paired_share']:.1%} (target <= 10%)"
             )
         return
     for kind in () if args.memory_only else kinds:
