@@ -491,3 +491,27 @@ def test_paired_draws_do_not_depend_on_the_working_pieces_or_on_holding_them(mon
         torch.testing.assert_close(r.ci_high, ref.ci_high, rtol=1e-12, atol=1e-15)
     stopped = (ref.p_value > 0.02) & (ref.p_value < 1)
     assert bool(stopped.any())  # some columns stopped early: the stop points were exercised
+
+
+@pytest.mark.parametrize("test", ["permutation", "t"])
+def test_a_diff_where_no_latent_fired_tests_nothing(test):
+    """No latent fired in either model: nothing is drawn or refused (a single prompt would be
+    refused by the t-test); every latent gets CI [0, 0] and p = 1."""
+    from modeldiff.diff import LatentDiff
+    from modeldiff.sites import Site
+    from modeldiff.stats import SiteStats
+
+    stats = []
+    for _ in range(2):
+        s = SiteStats(5, 3)
+        s.update(
+            torch.zeros(4, 5),
+            torch.randn(4, 3),
+            prompt_index=torch.zeros(4, dtype=torch.long),  # one prompt
+            position=torch.arange(4),
+        )
+        stats.append(s)
+    d = LatentDiff.from_stats(*stats, site=Site.resid_post(0), test=test)
+    assert d.meta["test"] == "none tested (no latent fired)"
+    assert d.column("p_value").tolist() == [1.0] * 5
+    assert d.column("ci_low").tolist() == [0.0] * 5 == d.column("ci_high").tolist()

@@ -628,14 +628,15 @@ class LatentDiff:
             # dense [prompts, chunk] blocks of ~8 MB; the paired analysis draws once for all chunks
             # and works in ~2 MB pieces, so its working set stays within the streaming's
             chunk = max(1, 2**20 // max(n_p, 1))
-            analysis = PairedAnalysis(
-                counts,
-                test=test,
-                n_bootstrap=n_bootstrap,
-                n_permutations=n_permutations,
-                confidence=confidence,
-                seed=seed,
-            )
+            if len(tested):  # (nothing to draw for, or to refuse, when no latent is tested)
+                analysis = PairedAnalysis(
+                    counts,
+                    test=test,
+                    n_bootstrap=n_bootstrap,
+                    n_permutations=n_permutations,
+                    confidence=confidence,
+                    seed=seed,
+                )
             for j in range(0, len(tested), chunk):
                 idx = tested[j : j + chunk]
                 dsum = lf.prompt_sums(idx, n_prompts=n_p)
