@@ -107,6 +107,10 @@ def paired_uncertainty(
     - ``test="t"``: paired t-test on per-prompt mean differences (needs scipy; gives small p-values
       when there are few prompts and many latents to correct for).
 
+    Memory stays within ~2 MB per working matrix whatever the number of prompts. To test many
+    column chunks over the same prompts, build one :class:`PairedAnalysis` and call it per chunk:
+    it draws once, and gives each column the same result as this function.
+
     Example:
         >>> import torch
         >>> d = torch.tensor([[1.0], [1.2], [0.9], [1.1], [1.0], [0.8]])
