@@ -198,13 +198,36 @@ def test_diff_with_nproc_2_equals_one_process_bit_for_bit(pair_and_sae, tmp_path
     from safetensors.torch import load_file
 
     base, tuned, sae, prompts = pair_and_sae
-    common = ["diff", "--base", str(base), "--finetuned", str(tuned), "--sae", str(sae),
-              "--prompts", str(prompts), "--quiet", "--batch-size", "1"]  # 3 batches: both work
+    common = [
+        "diff",
+        "--base",
+        str(base),
+        "--finetuned",
+        str(tuned),
+        "--sae",
+        str(sae),
+        "--prompts",
+        str(prompts),
+        "--quiet",
+        "--batch-size",
+        "1",
+    ]  # 3 batches: both work
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [sys.executable, "-m", "modeldiff.cli", *common, "--out", str(tmp_path / "two"),
-         "--nproc", "2"],
-        env=env, capture_output=True, text=True, timeout=150,
+        [
+            sys.executable,
+            "-m",
+            "modeldiff.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+            "--nproc",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
     )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     threads = torch.get_num_threads()
@@ -213,8 +236,9 @@ def test_diff_with_nproc_2_equals_one_process_bit_for_bit(pair_and_sae, tmp_path
         assert main([*common, "--out", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
-    a, b = load_file(str(tmp_path / "one" / "diff.safetensors")), load_file(
-        str(tmp_path / "two" / "diff.safetensors")
+    a, b = (
+        load_file(str(tmp_path / "one" / "diff.safetensors")),
+        load_file(str(tmp_path / "two" / "diff.safetensors")),
     )
     assert set(a) == set(b)
     for k in a:  # bit for bit, NaN where the other has NaN
