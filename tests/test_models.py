@@ -413,7 +413,9 @@ def test_bad_arguments(folders):
         load_model(folders["gpt2"], wrapper="hf")
     with pytest.raises(ValueError, match=r"floating torch.dtype"):
         load_model(folders["gpt2"], dtype=torch.int64)
-    with pytest.raises(TypeError, match=r"(?s)cannot run a Linear: no model adapter.*Tried: native"):
+    with pytest.raises(
+        TypeError, match=r"(?s)cannot run a Linear: no model adapter.*Tried: native"
+    ):
         model_kind(torch.nn.Linear(2, 2))
 
 
