@@ -206,7 +206,8 @@ class PairedAnalysis:
             }
 
     # -- the draws ---------------------------------------------------------------------------------
-    def _pieces(self, rows: int, size: int) -> list[tuple[int, int]]:
+    @staticmethod
+    def _pieces(rows: int, size: int) -> list[tuple[int, int]]:
         return [(s, min(size, rows - s)) for s in range(0, rows, size)]
 
     def _boot_draws(self) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -324,16 +325,16 @@ class PairedAnalysis:
                 break
             # after the first block the columns still live are mostly significant: float32
             # products with a float64 check near the threshold (_Float32Hits)
-            use_fast = b > 0 and _FLOAT32_FLIPS
-            if use_fast:
-                fast = _Float32Hits(d, thresh) if fast is None else fast
-                fast.select(cols_live)
-            dtype = torch.float32 if use_fast else torch.float64
+            now: _Float32Hits | None = None
+            if b > 0 and _FLOAT32_FLIPS:
+                now = fast = _Float32Hits(d, thresh) if fast is None else fast
+                now.select(cols_live)
+            dtype = torch.float64 if now is None else torch.float32
             for s, signs in self._sign_rows(b, dtype):
                 for s0 in range(0, len(signs), _FIRST_SLICE if first else len(signs)):
                     part = signs[s0 : s0 + _FIRST_SLICE] if first else signs
-                    if use_fast and fast is not None:
-                        found = fast(part, 2 * group)
+                    if now is not None:
+                        found = now(part, 2 * group)
                     else:
                         found = _hits(part, d[:, cols_live], thresh[cols_live], group)
                     hits[cols_live] += found
@@ -381,11 +382,12 @@ def _hits(rows: Tensor, d: Tensor, thresh: Tensor, group: int) -> Tensor:
 
 
 class _Float32Hits:
-    """:func:`_hits` for columns ``cols`` of ``d``, with the same counts, from a float32 product
-    (15-30% faster in the benchmarks): a draw whose float32 ``|rows @ d|`` is farther from
-    ``thresh`` than the float32 rounding error can reach is decided by it; a column with any draw
-    inside that band is recomputed in float64, so every count is the float64 one. The columns'
-    float32 copies and bands are made once per set of columns, not per piece of draws."""
+    """:func:`_hits` for the columns of ``d`` chosen by :meth:`select`, with the same counts, from a
+    float32 product (15-30% faster in the benchmarks): a draw whose float32 ``|rows @ d|`` is
+    farther from ``thresh`` than the float32 rounding error can reach is decided by it; a column
+    with any draw inside that band is recomputed in float64, so every count is the float64 one.
+    The error bands are made once per call, the float32 copy once per set of live columns, not
+    per piece of draws."""
 
     def __init__(self, d: Tensor, thresh: Tensor) -> None:
         n_p = d.shape[0]
@@ -437,7 +439,7 @@ _HOLD_BYTES = 16 * 2**20
 _WORK_ELEMENTS = 2**18
 _FIRST_SLICE = 128
 # After the first block of draws, sign flips run in float32 with a float64 check near the threshold
-# (see _hits_float32); False runs every draw in float64 (the same counts, for tests).
+# (see _Float32Hits); False runs every draw in float64 (the same counts, for tests).
 _FLOAT32_FLIPS = True
 
 
