@@ -1,5 +1,6 @@
-"""The compiled dense-statistics kernel: the same statistics as the PyTorch path and a naive
-computation, its build (cached, atomic, safe to fail) and its switches."""
+"""The compiled kernels: the dense statistics equal the PyTorch path and a naive computation (the
+sign-flip counts are tested in tests/test_stats.py); their build (cached, atomic, safe to fail) and
+their switches."""
 
 from __future__ import annotations
 
@@ -22,17 +23,17 @@ needs_cc = pytest.mark.skipif(
 
 @pytest.fixture
 def fresh_library():
-    """A clean slate for dense_stats_library's per-process cache, restored afterwards."""
-    _native.dense_stats_library.cache_clear()
-    yield _native.dense_stats_library
-    _native.dense_stats_library.cache_clear()
+    """A clean slate for the kernels' per-process cache, restored afterwards."""
+    _native.kernels.cache_clear()
+    yield _native.kernels
+    _native.kernels.cache_clear()
 
 
 def _both_paths(acts, prompt, pos, monkeypatch, d):
     native = LatentStats(d)
     native.update(acts, prompt_index=prompt, position=pos)
     with monkeypatch.context() as m:
-        m.setattr(stats_mod, "dense_stats_library", lambda: None)
+        m.setattr(stats_mod, "kernel", lambda name: None)
         plain = LatentStats(d)
         plain.update(acts, prompt_index=prompt, position=pos)
     return native, plain
@@ -126,7 +127,7 @@ def test_build_is_cached_and_leaves_no_temporaries(tmp_path, monkeypatch, fresh_
     monkeypatch.setenv("MODELDIFF_CACHE", str(tmp_path))
     assert fresh_library() is not None
     built = sorted(p.name for p in (tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].startswith("dense_stats-") and not built[0].startswith(".")
+    assert len(built) == 1 and built[0].startswith("kernels-") and not built[0].startswith(".")
     stamp = (tmp_path / "native" / built[0]).stat().st_mtime_ns
     fresh_library.cache_clear()
     assert fresh_library() is not None  # loaded from the cache, not rebuilt
@@ -159,3 +160,44 @@ def test_switches_off_by_environment(monkeypatch, fresh_library):
     fresh_library.cache_clear()
     assert fresh_library() is None
     assert "no C compiler" in _native.native_status()["reason"]
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "prompts out of order",  # as capture yields a batch: longest prompt first
+        "a prompt in two runs",  # not whole prompts: the rows are sorted first
+        "a run out of location order",
+    ],
+)
+def test_kernel_reads_prompts_where_they_lie(monkeypatch, layout):
+    """Rows that hold each prompt in one run, in location order, but the prompts in another order
+    are read in place (the kernel gets each prompt's row range, in prompt order); any other layout
+    is sorted first. Every layout gives the naive statistics, earliest maxima included."""
+    g = torch.Generator().manual_seed(6)
+    lengths = {3: 5, 0: 2, 2: 7, 1: 4}  # prompt -> tokens, in batch order
+    prompt = torch.cat([torch.full((n,), p) for p, n in lengths.items()])
+    pos = torch.cat([torch.arange(n) + 2 for n in lengths.values()])
+    if layout == "a prompt in two runs":
+        prompt = torch.cat([prompt, torch.full((2,), 3)])
+        pos = torch.cat([pos, torch.tensor([20, 21])])
+    n = len(prompt)
+    acts = torch.randint(-1, 3, (n, 40), generator=g).float()  # ties everywhere
+    if layout == "a run out of location order":
+        pos[:5] = pos[:5].flip(0)
+    calls: list[tuple[list[int], list[int]]] = []
+    real = stats_mod.LatentStats._native_parts
+
+    def spy(self, fn, a32, key, lo, hi):
+        calls.append((lo.tolist(), hi.tolist()))
+        return real(self, fn, a32, key, lo, hi)
+
+    monkeypatch.setattr(stats_mod.LatentStats, "_native_parts", spy)
+    monkeypatch.setattr(stats_mod, "_SPARSE_FRACTION", -1.0)  # the dense path
+    s = LatentStats(40)
+    s.update(acts, prompt_index=prompt, position=pos)
+    _assert_matches(s, _naive(acts, prompt, pos, 4), 4)
+    in_place = calls == [([5, 14, 7, 0], [7, 18, 14, 5])]
+    assert in_place == (layout == "prompts out of order")
+    assert len(calls) == 1  # one pass of the kernel either way

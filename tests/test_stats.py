@@ -397,11 +397,28 @@ def test_sparse_coo_input_gives_the_dense_statistics(shuffled):
         torch.testing.assert_close(b.state_dict()[key], v, rtol=1e-12, atol=0, msg=key)
 
 
+def spy_rechecks(monkeypatch) -> list[int]:
+    """The number of columns of each float64 sign-flip count (_hits), as the run goes."""
+    from modeldiff import uncertainty as unc
+
+    rechecked: list[int] = []
+    real = unc._hits
+
+    def spy(rows, dd, t, group):
+        rechecked.append(dd.shape[1])
+        return real(rows, dd, t, group)
+
+    monkeypatch.setattr(unc, "_hits", spy)
+    return rechecked
+
+
 def test_float32_sign_flips_give_the_float64_counts(monkeypatch):
-    """After the first block, sign flips run in float32 and recheck in float64 any column with a
-    draw near the threshold; every p-value must equal the all-float64 run's, ties included (a
-    latent that fired in one prompt ties on every draw; one that fired equally in eight prompts
-    ties exactly whenever those eight signs agree, p ~ 2^-7, so it stays live and is rechecked)."""
+    """Sign flips run in float32 (after the first block on the PyTorch path, in every block with
+    the compiled kernel) and recheck in float64 any column with a draw near the threshold; every
+    p-value must equal the all-float64 run's, ties included (a latent that fired in one prompt
+    ties on every draw; one that fired equally in eight prompts ties exactly whenever those eight
+    signs agree, p ~ 2^-7, so it stays live and is rechecked). tests/test_uncertainty_kernels.py
+    compares the kernel with both PyTorch paths."""
     from modeldiff import uncertainty as unc
 
     g = torch.Generator().manual_seed(11)
@@ -414,17 +431,12 @@ def test_float32_sign_flips_give_the_float64_counts(monkeypatch):
     eight[:8, 0], eight[8:16, 1] = 1.0, 0.1  # 0.1 is not exact in float32 or float64
     d = torch.cat([strong, weak, single, eight], 1)
     counts = torch.randint(1, 6, (n_p,), generator=g)
-    rechecked: list[int] = []
-    real = unc._hits
-
-    def spy(rows, dd, t, group):
-        rechecked.append(dd.shape[1])
-        return real(rows, dd, t, group)
-
-    monkeypatch.setattr(unc, "_hits", spy)
+    rechecked = spy_rechecks(monkeypatch)
     fast = unc.paired_uncertainty(d, counts, n_bootstrap=10, n_permutations=6000)
-    first_block = len(range(0, 1024, unc._FIRST_SLICE))
-    assert len(rechecked) > first_block  # float64 rechecks after the first block did happen
+    # float64 rechecks after the first block did happen (the PyTorch path also counts the first
+    # block's slices with _hits)
+    first_block = 0 if unc.kernel("sign_hits") else len(range(0, 1024, unc._FIRST_SLICE))
+    assert len(rechecked) > first_block
     monkeypatch.setattr(unc, "_FLOAT32_FLIPS", False)
     slow = unc.paired_uncertainty(d, counts, n_bootstrap=10, n_permutations=6000)
     assert torch.equal(fast.p_value, slow.p_value)
