@@ -150,3 +150,23 @@ def test_identity_is_json_and_tells_saes_apart():
     assert ia["hook_name"] == HOOK and ia["d_sae"] == 96 and ia["class"] == "StandardSAE"
     assert ia["fingerprint"] != sae_identity(b)["fingerprint"]
     assert isinstance(load_sae(a), SAE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_nonfinite_parameters_finds_every_kind_of_bad_value(dtype, bad):
+    """One reduction per parameter (min and max, which NaN and inf reach) instead of an
+    isfinite() mask: it must still name exactly the parameters that hold a NaN or an inf, at any
+    place, and pass empty and integer parameters."""
+    from modeldiff.saes import nonfinite_parameters
+
+    m = torch.nn.Module()
+    m.a = torch.nn.Parameter(torch.randn(50, 30).to(dtype))
+    m.b = torch.nn.Parameter(torch.randn(7).to(dtype))
+    m.empty = torch.nn.Parameter(torch.zeros(0, 3, dtype=dtype))
+    m.count = torch.nn.Parameter(torch.arange(4), requires_grad=False)
+    if bad is not None:
+        with torch.no_grad():
+            m.b[6] = bad
+            m.a[17, 29] = bad
+    assert nonfinite_parameters(m) == ([] if bad is None else ["a", "b"])
