@@ -110,6 +110,23 @@ def test_named_selections_are_ranges_with_the_naive_content():
             assert [list(sel) for sel in got] == naive, (name, include_bos)
 
 
+def test_explicit_ranges_select_what_the_same_list_selects():
+    """An explicit range of step 1 inside the prompt stays a range (a diff hands each batch's
+    selections to capture as they are) and selects what its list selects, BOS rule included;
+    other ranges go through the list rules (negative positions count from the end)."""
+    prompts = [TokenizedPrompt(tuple(range(10, 16)), 4, bos) for bos in (True, False)]
+    sels = [range(0, 6), range(0, 1), range(2, 5), range(3, 3), range(0, 6, 2), range(-3, 0)]
+    for tp in prompts:
+        for include_bos in (False, True):
+            for sel in sels:
+                (got,) = select_positions([tp], [sel], include_bos=include_bos)
+                (want,) = select_positions([tp], [list(sel)], include_bos=include_bos)
+                assert list(got) == want, (sel, tp.has_bos, include_bos)
+                assert isinstance(got, range) == (sel.step == 1 and sel.start >= 0)
+    with pytest.raises(PromptError, match="out of range"):
+        select_positions(prompts[:1], [range(4, 9)])
+
+
 def test_pad_batch_sides():
     toks, mask, off = pad_batch([[4, 5, 6], [7]], pad=0, side="right")
     assert toks.tolist() == [[4, 5, 6], [7, 0, 0]] and off.tolist() == [0, 0]

@@ -1096,7 +1096,7 @@ def _capture_pair(
     indices). The batch is captured alone, with the same prompts in the same order and padding as
     in a whole-run stream, so its activations are the same."""
     opts: dict[str, Any] = {
-        "positions": [list(s) for s in selections],
+        "positions": list(selections),  # (ranges stay ranges: no per-token checks again)
         "batch_size": len(index),
         "include_bos": True,  # the selections are final
         "padding_side": padding_side,

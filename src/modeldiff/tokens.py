@@ -376,7 +376,7 @@ def select_positions(
 
     A named selection is a ``range`` per prompt (a contiguous run costs the same few bytes at any
     length, so a long run's bookkeeping does not grow with its tokens); explicit selections come
-    back as sorted lists.
+    back as sorted lists, except a ``range`` of step 1 within the prompt, which stays a range.
 
     Example:
         >>> tp = TokenizedPrompt(ids=(1, 7, 8, 9), n_prompt=3, has_bos=True)
@@ -430,6 +430,11 @@ def select_positions(
             f"got {len(positions)} explicit position selections for {len(prompts)} prompts; pass one per prompt"
         )
     for i, (tp, sel) in enumerate(zip(prompts, positions)):
+        if isinstance(sel, range) and sel.step == 1 and sel.start >= 0 and sel.stop <= len(tp):
+            # a contiguous run (what a named selection gave): no per-token checks, kept a range
+            start = 1 if sel.start == 0 < len(sel) and tp.has_bos and not include_bos else sel.start
+            out.append(range(start, max(start, sel.stop)))
+            continue
         vals = sel.tolist() if isinstance(sel, Tensor) else list(sel)
         if vals and all(isinstance(v, bool) for v in vals):
             if len(vals) != len(tp):

@@ -305,10 +305,11 @@ class PairedAnalysis:
         a0, b0 = math.floor(pos_lo), math.floor(pos_hi)
         a1 = min(a0 + 1, n_b - 1)
         m_lo, m_hi = a1 + 1, n_b - b0  # the a1 + 1 smallest, the n_b - b0 largest
-        # thresholds that a little over m values are expected to pass (normal approximation; any
-        # value gives the exact order statistics, a good one makes them cheap)
-        z_lo = NormalDist().inv_cdf(min(0.5, (2 * m_lo + 16) / n_b))
-        z_hi = -NormalDist().inv_cdf(min(0.5, (2 * m_hi + 16) / n_b))
+        # thresholds that a little over m values are expected to pass, m + 2 sqrt(m) + 8
+        # (normal approximation; any value gives the exact order statistics, a good one makes
+        # them cheap: fewer values to select from, rarely too few)
+        z_lo = NormalDist().inv_cdf(min(0.5, (m_lo + 2 * math.sqrt(m_lo) + 8) / n_b))
+        z_hi = -NormalDist().inv_cdf(min(0.5, (m_hi + 2 * math.sqrt(m_hi) + 8) / n_b))
         dc = d.contiguous()
         out = torch.empty(k, 4, dtype=torch.float64)
         codes: list[int] = []
