@@ -193,7 +193,7 @@ class PairedAnalysis:
         small = torch.int16 if n_p < 2**15 else torch.int32  # a multiplicity is at most n_p
         if n_bootstrap * n_p * small.itemsize <= _HOLD_BYTES:
             self._boot = [(s, w.T.to(small).contiguous(), den) for s, w, den in self._boot_draws()]
-        self._w64: tuple[Tensor, Tensor] | None = None  # the held weights as float64, for a kernel
+        self._w16: tuple[Tensor, Tensor] | None = None  # the held weights in one block, for a kernel
         self.exact = 2**n_p <= n_permutations
         self.n_draws = 2**n_p if self.exact else n_permutations
         # The first Monte Carlo block is checked every _FIRST_SLICE rows (see __call__): it is cut
@@ -292,15 +292,15 @@ class PairedAnalysis:
         fn = kernel("boot_tails")
         if fn is None or self._boot is None or d.device.type != "cpu":
             return None
+        if self._boot[0][1].dtype != torch.int16:
+            return None  # (multiplicities past int16's range: 32,768 prompts or more)
         n_b, n_p, k = self.n_bootstrap, self.n_p, d.shape[1]
-        if self._w64 is None:
-            if n_b * n_p * 8 > 2 * _HOLD_BYTES:
-                return None
-            self._w64 = (
-                torch.cat([wt for _, wt, _ in self._boot], 1).double(),
+        if self._w16 is None:  # the held pieces as one [prompts, draws] block (2 bytes each)
+            self._w16 = (
+                torch.cat([wt for _, wt, _ in self._boot], 1).contiguous(),
                 torch.cat([den for _, _, den in self._boot]).contiguous(),
             )
-        w, den = self._w64
+        w, den = self._w16
         pos_lo, pos_hi = alpha * (n_b - 1), (1 - alpha) * (n_b - 1)
         a0, b0 = math.floor(pos_lo), math.floor(pos_hi)
         a1 = min(a0 + 1, n_b - 1)

@@ -1,7 +1,7 @@
 /* modeldiff: the tails of a percentile bootstrap, without writing or sorting the replicates.
  *
  * For columns j in [c0, c1) of d (a float64 [n, ldd] matrix, one row per prompt), the B replicates
- *   r[b] = (sum_p w[p, b] * d[p, j]) / den[b]      (w: float64 [n, B], prompt multiplicities)
+ *   r[b] = (sum_p w[p, b] * d[p, j]) / den[b]      (w: int16 [n, B], prompt multiplicities)
  * are made in a buffer that stays in cache, and the order statistics a percentile interval needs
  * are selected from them exactly (order statistic 0 is the smallest; i = j - c0):
  *   out[4 i + 0] = order statistic m_lo - 2   (the same as + 1 when m_lo = 1)
@@ -85,7 +85,7 @@ static void md_moments(const double *r, int64_t B, double *mean, double *sd) {
 }
 
 MD_BOOT_TARGETS
-int64_t md_boot_tails(const double *restrict w, int64_t B, int64_t n, const double *restrict d,
+int64_t md_boot_tails(const int16_t *restrict w, int64_t B, int64_t n, const double *restrict d,
                       int64_t ldd, const double *restrict den, int64_t c0, int64_t c1,
                       int64_t m_lo, int64_t m_hi, double z_lo, double z_hi,
                       double *restrict out) {
@@ -101,14 +101,14 @@ int64_t md_boot_tails(const double *restrict w, int64_t B, int64_t n, const doub
             double acc[MD_BB] = {0};
             for (int64_t p = 0; p < n; p++) {
                 const double x = d[p * ldd + j];
-                const double *restrict wp = w + p * B + b0;
-                for (int i = 0; i < MD_BB; i++) acc[i] += wp[i] * x;
+                const int16_t *restrict wp = w + p * B + b0;
+                for (int i = 0; i < MD_BB; i++) acc[i] += (double)wp[i] * x;
             }
             for (int i = 0; i < MD_BB; i++) r[b0 + i] = acc[i] / den[b0 + i];
         }
         for (int64_t b = b0; b < B; b++) {
             double acc = 0.0;
-            for (int64_t p = 0; p < n; p++) acc += w[p * B + b] * d[p * ldd + j];
+            for (int64_t p = 0; p < n; p++) acc += (double)w[p * B + b] * d[p * ldd + j];
             r[b] = acc / den[b];
         }
         int nan = 0;
