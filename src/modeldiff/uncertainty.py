@@ -193,7 +193,9 @@ class PairedAnalysis:
         small = torch.int16 if n_p < 2**15 else torch.int32  # a multiplicity is at most n_p
         if n_bootstrap * n_p * small.itemsize <= _HOLD_BYTES:
             self._boot = [(s, w.T.to(small).contiguous(), den) for s, w, den in self._boot_draws()]
-        self._w16: tuple[Tensor, Tensor] | None = None  # the held weights in one block, for a kernel
+        self._w16: tuple[Tensor, Tensor] | None = (
+            None  # the held weights in one block, for a kernel
+        )
         self.exact = 2**n_p <= n_permutations
         self.n_draws = 2**n_p if self.exact else n_permutations
         # The first Monte Carlo block is checked every _FIRST_SLICE rows (see __call__): it is cut
