@@ -155,3 +155,32 @@ def test_sign_flip_kernel_counts_equal_an_exact_count(n_draws, n_p, k, pad, seed
     sure, maybe = _kernel_counts(signs, d, lo, hi)
     assert np.array_equal(sure, (stat >= hi).sum(0))
     assert np.array_equal(maybe, (stat >= lo).sum(0))
+
+
+@needs_sign_kernel
+@needs_boot_kernel
+def test_kernels_run_up_to_their_prompt_count_and_pytorch_beyond(monkeypatch):
+    """Past _KERNEL_MAX_PROMPTS prompts the PyTorch paths run (measured faster there); the choice
+    never changes a number: p-values bit for bit, intervals to the replicates' rounding."""
+    g = torch.Generator().manual_seed(7)
+    d = torch.randn(30, 90, generator=g, dtype=torch.float64) + torch.linspace(-0.5, 1.5, 90)
+    counts = torch.randint(1, 9, (30,), generator=g)
+    used: list[str] = []
+    real = unc.kernel
+
+    def spy(name):
+        fn = real(name)
+        if fn is None:
+            return None
+        return lambda *args: (used.append(name), fn(*args))[1]
+
+    monkeypatch.setattr(unc, "kernel", spy)
+    with_kernels = PairedAnalysis(counts, n_bootstrap=300, n_permutations=2000)(d)
+    assert {"sign_hits", "boot_tails"} <= set(used)
+    used.clear()
+    monkeypatch.setattr(unc, "_KERNEL_MAX_PROMPTS", 29)
+    without = PairedAnalysis(counts, n_bootstrap=300, n_permutations=2000)(d)
+    assert used == []
+    assert torch.equal(with_kernels.p_value, without.p_value)
+    torch.testing.assert_close(with_kernels.ci_low, without.ci_low, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(with_kernels.ci_high, without.ci_high, rtol=1e-12, atol=1e-14)

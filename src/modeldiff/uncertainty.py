@@ -291,7 +291,7 @@ class PairedAnalysis:
         order statistics of each column's replicates instead of writing and sorting them all; the
         same quantiles as :func:`_tail_quantiles` (the replicates' sums may round differently in
         the last bit). ``None`` where it does not run (no kernel, weights not held, not CPU)."""
-        fn = kernel("boot_tails")
+        fn = kernel("boot_tails") if self.n_p <= _KERNEL_MAX_PROMPTS else None
         if fn is None or self._boot is None or d.device.type != "cpu":
             return None
         if self._boot[0][1].dtype != torch.int16:
@@ -379,7 +379,8 @@ class PairedAnalysis:
         fast: _Float32Hits | None = None
         # with the compiled count every block runs in float32; on the PyTorch path the first
         # block, where most columns are null and stop early, stays in float64
-        native = _FLOAT32_FLIPS and kernel("sign_hits") is not None and d.device.type == "cpu"
+        sign_kernel = kernel("sign_hits") if self.n_p <= _KERNEL_MAX_PROMPTS else None
+        native = _FLOAT32_FLIPS and sign_kernel is not None and d.device.type == "cpu"
         for b in range(-(-n_draws // block)):
             # Monte Carlo: a column stops once it has _STOP_HITS hits (sequential Monte Carlo,
             # Besag & Clifford 1991): its p-value is then at least ~_STOP_HITS / n_permutations, far
@@ -397,7 +398,7 @@ class PairedAnalysis:
             # products with a float64 check near the threshold (_Float32Hits)
             now: _Float32Hits | None = None
             if (b > 0 or native) and _FLOAT32_FLIPS:
-                now = fast = _Float32Hits(d, thresh) if fast is None else fast
+                now = fast = _Float32Hits(d, thresh, sign_kernel) if fast is None else fast
             dtype = torch.float64 if now is None else torch.float32
             for s, signs in self._sign_rows(b, dtype):
                 for s0 in range(0, len(signs), _FIRST_SLICE if first else len(signs)):
@@ -457,12 +458,12 @@ class _Float32Hits:
     rounding (in any summation order) can reach is decided by it; a column with any draw inside
     that band is recomputed in float64, so every count is the float64 one.
 
-    The counting runs in the compiled kernel (``_csrc/sign_hits.c``: no ``[draws, columns]``
-    matrix, column ranges on parallel threads) when it is built, else as a PyTorch float32 product
-    (15-30% faster than float64 in the benchmarks). The error bands are made once per call, the
-    float32 copy once per set of live columns, not per piece of draws."""
+    The counting runs in the compiled kernel ``fn`` (``_csrc/sign_hits.c``: no ``[draws, columns]``
+    matrix, column ranges on parallel threads) when the caller passes it, else as a PyTorch float32
+    product (15-30% faster than float64 in the benchmarks). The error bands are made once per call,
+    the float32 copy once per set of live columns, not per piece of draws."""
 
-    def __init__(self, d: Tensor, thresh: Tensor) -> None:
+    def __init__(self, d: Tensor, thresh: Tensor, fn: Any | None = None) -> None:
         n_p = d.shape[0]
         self.d, self.thresh = d, thresh
         # |fl32(s . fl32(d)) - s . d| <= (n_p + 2) u sum|d| (u = 2^-24); the margin doubles it and
@@ -474,7 +475,7 @@ class _Float32Hits:
         self.d32_all = d.float()
         # a column beyond float32's range (or with a non-finite band) is counted in float64
         self.wide = ~(self.d32_all.isfinite().all(0) & self.hi_all.isfinite())
-        self.kernel = kernel("sign_hits") if d.device.type == "cpu" else None
+        self.kernel = fn if d.device.type == "cpu" else None  # the compiled count, if any
         self.cols = torch.arange(0)
 
     def select(self, cols: Tensor) -> None:
@@ -554,6 +555,11 @@ def _pool(n_threads: int) -> ThreadPoolExecutor:
     return _POOLS[key]
 
 
+# The compiled uncertainty kernels run for up to this many prompts: measured faster than the PyTorch
+# paths up to 64-96 prompts (2x at 28 for the sign flips), level at ~128, slower beyond (2.5x at
+# 895: PyTorch's blocked matrix products keep their operands in cache, the kernels do not), where
+# the step's cost is also spread over many more tokens.
+_KERNEL_MAX_PROMPTS = 80
 # A Monte Carlo sign-flip column stops drawing after this many hits (see paired_uncertainty); the
 # first block of draws is read in slices of _FIRST_SLICE rows, with a stop check after each.
 _STOP_HITS = 100
