@@ -492,7 +492,7 @@ def main() -> None:
         )
     from modeldiff._native import native_status
 
-    print(f"compiled dense-statistics kernel: {native_status()}")
+    print(f"compiled kernels (dense statistics, sign flips, bootstrap tails): {native_status()}")
     kinds = ("topk", "relu") if args.sae == "both" else (args.sae,)
     if args.uncertainty_tokens:
         for kind in kinds:

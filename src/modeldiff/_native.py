@@ -1,6 +1,6 @@
 """Optional compiled kernels: C files shipped with the package, built on first use.
 
-Two hot loops have no single PyTorch operation that does their work in one read:
+Three hot loops have no PyTorch operation that does their work in one read:
 
 - ``_csrc/dense_stats.c``: the dense path of :class:`modeldiff.stats.LatentStats` costs about ten
   PyTorch passes over each block of latents (a float64 copy, sums, squares, firing flags, maxima and
@@ -12,12 +12,14 @@ Two hot loops have no single PyTorch operation that does their work in one read:
 - ``_csrc/boot_tails.c``: the bootstrap interval needs four order statistics of each latent's
   replicates; PyTorch writes and sorts them all, the kernel makes them in cache and selects.
 
-The uncertainty kernels run on column ranges in parallel threads.
+The uncertainty kernels run on column ranges in parallel threads, for runs of up to 80 prompts
+(:mod:`modeldiff.uncertainty` measured them faster there, PyTorch's blocked products beyond).
 
-Both are compiled once per machine with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``) into one library in ``$MODELDIFF_CACHE/native`` (default ``~/.cache/modeldiff/native``),
-named by a hash of the sources, compiler and flags, and loaded with :mod:`ctypes` (which releases
-the GIL during a call, so calls on different columns run in parallel threads).
+All three are compiled once per machine with the system's C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``) into one library in ``$MODELDIFF_CACHE/native`` (default
+``~/.cache/modeldiff/native``), named by a hash of the sources, compiler and flags, and loaded with
+:mod:`ctypes` (which releases the GIL during a call, so calls on different columns run in parallel
+threads).
 
 Everything degrades to PyTorch: no compiler, a failed build or ``MODELDIFF_NATIVE=0`` all give
 ``None`` here, and the callers' PyTorch paths compute the same statistics (tested against each
@@ -52,8 +54,9 @@ _SOURCES = (
     Path(__file__).with_name("_csrc") / "sign_hits.c",
     Path(__file__).with_name("_csrc") / "boot_tails.c",
 )
-# target_clones: an AVX2 build beside the baseline one, chosen when the library loads (so one cached
-# file is safe on any x86-64 CPU); other platforms, or compilers without it, get the plain build.
+# target_clones: vector builds (AVX2, AVX2 with FMA, AVX-512) beside the baseline one, chosen when
+# the library loads (so one cached file is safe on any x86-64 CPU); other platforms, or compilers
+# without it, get the plain build.
 _FLAG_SETS = (
     ["-O3", "-shared", "-fPIC", "-DMD_CLONES"],
     ["-O3", "-shared", "-fPIC"],

@@ -193,9 +193,8 @@ class PairedAnalysis:
         small = torch.int16 if n_p < 2**15 else torch.int32  # a multiplicity is at most n_p
         if n_bootstrap * n_p * small.itemsize <= _HOLD_BYTES:
             self._boot = [(s, w.T.to(small).contiguous(), den) for s, w, den in self._boot_draws()]
-        self._w16: tuple[Tensor, Tensor] | None = (
-            None  # the held weights in one block, for a kernel
-        )
+        # the held weights as one block, for the bootstrap kernel (made on its first use)
+        self._w16: tuple[Tensor, Tensor] | None = None
         self.exact = 2**n_p <= n_permutations
         self.n_draws = 2**n_p if self.exact else n_permutations
         # The first Monte Carlo block is checked every _FIRST_SLICE rows (see __call__): it is cut
@@ -347,8 +346,6 @@ class PairedAnalysis:
         n_p, k = self.n_p, int(d.shape[1])
         total, n = self.total, self.n
         obs = d.sum(0) / total
-        # bootstrap replicates of up to ~8 MB at a time ([cols, n_bootstrap]; fewer, larger sorts
-        # measured ~10% faster than ~2 MB ones), whatever the number of prompts
         alpha = (1 - self.confidence) / 2
         tails = self._native_tails(d, alpha)
         lo, hi = tails if tails is not None else self._sorted_tails(d, alpha)
