@@ -195,31 +195,29 @@ class LatentStats:
             idx, val = acts._indices(), acts._values()
             nz = val != 0
             coo = (idx[0][nz], idx[1][nz], val[nz])
-        if bool((key[1:] < key[:-1]).any()):  # keep "first occurrence" = smallest location
-            # A batch of whole prompts, each in location order but the prompts in another order
-            # (capture batches longest first): the kernel reads each prompt's rows where they are.
-            # Moving the rows into order would copy the whole [n, d_sae] block.
-            runs = None
-            if coo is None and acts.device.type == "cpu" and self._is_dense(acts):
-                fn = kernel("dense_stats")
-                runs = None if fn is None else _prompt_runs(prompt_index, key)
-            if runs is not None:
+        # Rows are folded in location order, so that "first occurrence" is the smallest location.
+        ordered = not bool((key[1:] < key[:-1]).any())
+        dense = coo is None and self._is_dense(acts)
+        fn = kernel("dense_stats") if dense and acts.device.type == "cpu" else None
+        if fn is not None:
+            # The kernel takes each prompt's row range: a batch of whole prompts, each in location
+            # order but the prompts in another order (a capture batch: longest first), is read
+            # where it lies, never copied into order; any other layout is put in order first.
+            runs = _prompt_runs(prompt_index, key)
+            if runs is None:
+                acts, coo, key, prompt_index = _in_order(acts, coo, key, prompt_index)
+                ordered, runs = True, _prompt_runs(prompt_index, key)
+            if runs is not None:  # (always, once in order)
                 uniq, lo, hi = runs
                 a32 = acts if acts.dtype == torch.float32 else acts.float()
                 done = self._native_parts(fn, a32, key, lo, hi)
                 if done is not None:
                     self._fold(n, done, uniq, hi - lo)
                     return
-            order = torch.argsort(key, stable=True)
-            key, prompt_index = key[order], prompt_index[order]
-            if coo is None:
-                acts = acts[order]
-            else:  # renumber the rows instead of moving them
-                new_row = torch.empty_like(order)
-                new_row[order] = torch.arange(n, device=order.device)
-                coo = (new_row[coo[0]], coo[1], coo[2])
+        if not ordered:
+            acts, coo, key, prompt_index = _in_order(acts, coo, key, prompt_index)
         uniq, inv = torch.unique_consecutive(prompt_index, return_inverse=True)
-        if coo is None and self._is_dense(acts):
+        if dense:  # (on the PyTorch path: no kernel, or its sums came out NaN)
             parts = self._dense_parts(acts, key, inv, len(uniq))
         else:
             if coo is None:
@@ -274,14 +272,6 @@ class LatentStats:
         # block: on CPU a comparison into a bool tensor, then a cast, costs several times as much.
         n, d, dev = acts.shape[0], self.d_sae, acts.device
         a32 = acts if acts.dtype == torch.float32 else acts.float()
-        if dev.type == "cpu":
-            fn = kernel("dense_stats")
-            if fn is not None:
-                seg = torch.zeros(n_rows + 1, dtype=torch.int64)
-                seg[1:] = torch.bincount(inv, minlength=n_rows).cumsum(0)
-                done = self._native_parts(fn, a32, key, seg[:-1], seg[1:])
-                if done is not None:
-                    return done
         per_prompt = torch.zeros(n_rows, d, dtype=torch.float64, device=dev)
         sq = torch.zeros(1, d, dtype=torch.float64, device=dev)
         fire_acc = torch.zeros(1, d, dtype=torch.float64, device=dev)
@@ -326,7 +316,7 @@ class LatentStats:
     def _native_parts(
         self, fn: Any, a32: Tensor, key: Tensor, seg_lo: Tensor, seg_hi: Tensor
     ) -> tuple | None:
-        # The same statistics as the PyTorch path below, in one pass of the compiled kernel
+        # The same statistics as _dense_parts (PyTorch), in one pass of the compiled kernel
         # (modeldiff/_csrc/dense_stats.c): prompt s is rows seg_lo[s] to seg_hi[s] - 1, the
         # prompts in ascending order, each prompt's rows in location order.
         x = a32.contiguous()
@@ -560,6 +550,20 @@ class LatentStats:
         out = cls(int(state["d_sae"]))
         out.load_state_dict(state)
         return out
+
+
+def _in_order(
+    acts: Tensor, coo: tuple | None, key: Tensor, prompt_index: Tensor
+) -> tuple[Tensor, tuple | None, Tensor, Tensor]:
+    """The rows in location order: dense activations moved, sparse triples renumbered."""
+    order = torch.argsort(key, stable=True)
+    if coo is None:
+        acts = acts[order]
+    else:  # renumber the rows instead of moving them
+        new_row = torch.empty_like(order)
+        new_row[order] = torch.arange(len(order), device=order.device)
+        coo = (new_row[coo[0]], coo[1], coo[2])
+    return acts, coo, key[order], prompt_index[order]
 
 
 def _prompt_runs(prompt_index: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -376,8 +376,9 @@ class PairedAnalysis:
         fast: _Float32Hits | None = None
         # with the compiled count every block runs in float32; on the PyTorch path the first
         # block, where most columns are null and stop early, stays in float64
-        sign_kernel = kernel("sign_hits") if self.n_p <= _KERNEL_MAX_PROMPTS else None
-        native = _FLOAT32_FLIPS and sign_kernel is not None and d.device.type == "cpu"
+        kernel_sized = self.n_p <= _KERNEL_MAX_PROMPTS and d.device.type == "cpu"
+        sign_kernel = kernel("sign_hits") if kernel_sized and _FLOAT32_FLIPS else None
+        native = sign_kernel is not None
         for b in range(-(-n_draws // block)):
             # Monte Carlo: a column stops once it has _STOP_HITS hits (sequential Monte Carlo,
             # Besag & Clifford 1991): its p-value is then at least ~_STOP_HITS / n_permutations, far
@@ -472,7 +473,7 @@ class _Float32Hits:
         self.d32_all = d.float()
         # a column beyond float32's range (or with a non-finite band) is counted in float64
         self.wide = ~(self.d32_all.isfinite().all(0) & self.hi_all.isfinite())
-        self.kernel = fn if d.device.type == "cpu" else None  # the compiled count, if any
+        self.kernel = fn  # the compiled count, if the caller runs it (CPU tensors only)
         self.cols = torch.arange(0)
 
     def select(self, cols: Tensor) -> None:

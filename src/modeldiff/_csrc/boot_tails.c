@@ -14,8 +14,8 @@
  * over m values are expected there) are gathered in one pass, and a bounded heap picks the m most
  * extreme of those; when fewer than m lie beyond the threshold (a skewed or lumpy column), the
  * heap runs over all B. Either way the order statistics are exact: the m most extreme values are
- * all beyond the threshold whenever at least m values are. For B = 1,000 this is ~3x cheaper than
- * sorting the replicates.
+ * all beyond the threshold whenever at least m values are. Measured at 28 prompts x 4,096 latents
+ * x 1,000 draws, one thread: ~21 ms against ~30-36 ms for the matrix product and sort it replaces.
  *
  * Built with the other kernels by modeldiff/_native.py.
  */
